@@ -1,0 +1,1344 @@
+"""REPPO in one file: JAX + Flax NNX + Optax on MuJoCo Playground.
+
+Relative Entropy Pathwise Policy Optimization (Voelcker et al., ICLR 2026,
+https://arxiv.org/abs/2507.11019) is an *on-policy* actor-critic for continuous control.
+Like PPO it learns only from the latest rollout (no replay buffer); unlike PPO it does
+not use the high-variance score-function (likelihood-ratio) gradient. It learns an
+action-conditioned critic Q(s, a) from the rollout and improves the policy with
+*pathwise* gradients through Q, kept stable by a KL trust region and an entropy target,
+each enforced with a learned Lagrange multiplier.
+
+The algorithm at a glance (one call of ``train_iteration``)::
+
+    for t in 0..T-1 (all N envs at once):                         # collect_rollout
+        a_t ~ pi(s_t), step the env, keep the TRUE final obs s'_t
+        a'_t ~ pi(s'_t);  v'_t = Q(s'_t, a'_t);  z'_t = features(s'_t, a'_t)
+        soft_reward_t = r_t - (1 - terminated_t) * gamma * alpha * log pi(a'_t | s'_t)
+    update the observation normaliser with the rollout              # normalizer_update
+    G = soft_lambda_returns(soft_reward, v', terminated, truncated) # soft TD(lambda)
+    pi_old <- pi
+    for epoch in 1..E, for minibatch in a fresh permutation:        # learn
+        critic step on critic_loss(...)   (HL-Gauss cross-entropy to G + auxiliary loss)
+        actor step  on actor_loss(...)    (pathwise, KL-clipped; alpha and beta losses)
+
+Run it::
+
+    python reppo_jax.py --env-id CheetahRun                 # the paper's DM Control setting
+    python reppo_jax.py --env-id CartpoleBalance --preset cpu --total-timesteps 500000
+    python reppo_jax.py --help                              # every flag
+
+Sections (the same, in the same order, in ``reppo_torch.py``):
+    1. Args   2. Environment   3. Math   4. Networks   5. Losses
+    6. Collect / Learn / Evaluate   7. Logging & checkpoints   8. main
+
+The contract for every line is ``SPEC.md`` of this project; ``docs/reppo.md`` explains
+each equation and each ``IMPLEMENTATION DETAIL n`` tag below.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import nnx
+
+# ======================================================================================
+# 1. Args
+# ======================================================================================
+
+
+@dataclass
+class Args:
+    """REPPO hyperparameters. Defaults are the paper's DM Control "small data" setting
+    (SPEC section 11); ``--preset cpu`` swaps in a setting that learns on a laptop CPU."""
+
+    # --- experiment -------------------------------------------------------------------
+    exp_name: str = "reppo_jax"
+    """name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment; with --num-seeds K the seeds are seed, seed+1, ..., seed+K-1"""
+    num_seeds: int = 1
+    """number of independent seeds trained at once in this process (vmap)"""
+    preset: Literal["paper", "cpu"] = "paper"
+    """'paper': SPEC defaults (1024 envs, hidden 512); 'cpu': 64 envs, 4 minibatches, hidden 256"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "reppo"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team or user); None uses your default entity"""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """'offline' writes the wandb run locally (sync it later with `wandb sync`)"""
+    save_model: bool = False
+    """write runs/{run_name}/checkpoint.npz at every log point and at the end"""
+    checkpoint: str | None = None
+    """path of a checkpoint to evaluate (with --eval-only)"""
+    eval_only: bool = False
+    """only evaluate --checkpoint, do not train"""
+    resume: str | None = None
+    """path of a checkpoint to continue training from (its run folder and arguments are reused;
+    --total-timesteps given on the command line may extend the run)"""
+    runs_dir: str = "runs"
+    """folder under which each run writes runs_dir/{run_name}/"""
+    progress: bool = True
+    """show a progress bar on stderr"""
+
+    # --- environment ------------------------------------------------------------------
+    env_id: str = "CheetahRun"
+    """MuJoCo Playground DM Control task, e.g. CheetahRun, CartpoleBalance, WalkerWalk"""
+    impl: Literal["auto", "jax", "warp"] = "auto"
+    """MuJoCo engine; 'auto' picks 'jax' (MJX) on every backend, see make_env"""
+    episode_length: int | None = None
+    """time limit of an episode; None takes the suite's (1000 for DM Control)"""
+    num_eval_envs: int = 16
+    """number of evaluation episodes (one per separate evaluation env)"""
+
+    # --- collection -------------------------------------------------------------------
+    total_timesteps: int = 50_000_000
+    """total environment steps of training (summed over envs, per seed)"""
+    num_envs: int = 1024
+    """number of parallel environments"""
+    num_steps: int = 32
+    """rollout length per env per iteration (T)"""
+    gamma: float | None = None
+    """discount factor; None takes the suite's (0.99 for DM Control)"""
+    lmbda: float = 0.95
+    """lambda of the soft TD(lambda) targets"""
+
+    # --- critic -----------------------------------------------------------------------
+    critic_hidden: int = 512
+    """width of the critic"""
+    num_bins: int = 151
+    """number of bins of the categorical (HL-Gauss) critic"""
+    vmin: float | None = None
+    """lowest value of the critic's support; None takes the suite's (0 for DM Control)"""
+    vmax: float | None = None
+    """highest value of the critic's support; None takes the suite's (150 for DM Control)"""
+    aux_coef: float = 1.0
+    """weight of the auxiliary (reward and next-feature prediction) loss"""
+    num_value_samples: int = 1
+    """K, the number of next actions a' averaged in the next-state value estimate"""
+
+    # --- actor, KL and entropy ----------------------------------------------------------
+    actor_hidden: int = 512
+    """width of the actor"""
+    min_std: float = 0.1
+    """floor added to the policy's standard deviation"""
+    kl_bound: float = 0.1
+    """trust region: largest KL(pi_old || pi) per state before the KL penalty takes over"""
+    kl_start: float = 0.01
+    """initial value of the KL Lagrange multiplier beta"""
+    num_kl_samples: int = 16
+    """M, Monte Carlo samples of the KL estimate per state"""
+    ent_start: float = 0.01
+    """initial value of the entropy temperature alpha"""
+    ent_target_mult: float = 0.5
+    """entropy target is -ent_target_mult * action_size"""
+
+    # --- optimisation -----------------------------------------------------------------
+    learning_rate: float = 3e-4
+    """Adam learning rate of actor and critic"""
+    max_grad_norm: float = 0.5
+    """global-norm gradient clipping"""
+    num_mini_batches: int = 16
+    """minibatches per epoch"""
+    num_epochs: int = 8
+    """passes over the rollout per iteration"""
+
+    # --- logging ----------------------------------------------------------------------
+    log_interval: int = 10
+    """training iterations fused into one jitted call; logging, evaluation and
+    checkpointing happen between calls"""
+
+
+# `--preset cpu`: the issue's CPU setting (64 envs x 32 steps, 4 minibatches, 8 epochs,
+# hidden 256); everything else as SPEC section 11.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "cpu": {
+        "num_envs": 64,
+        "num_mini_batches": 4,
+        "actor_hidden": 256,
+        "critic_hidden": 256,
+        "log_interval": 20,
+    },
+}
+
+# Per-suite defaults (SPEC section 11) for fields left at None.
+DM_CONTROL_DEFAULTS = {"vmin": 0.0, "vmax": 150.0, "gamma": 0.99, "episode_length": 1000}
+
+# Measured with benchmarks/speed.py on a 2-core CPU (see README): the paper setting on
+# CheetahRun. Only used to warn a CPU user before a multi-hour run.
+CPU_PAPER_SETTING_SPS = 2100
+
+
+class UserError(Exception):
+    """Bad input from the command line: printed as one clear message, exit code 2."""
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Parse the command line with tyro; ``--preset`` changes the defaults shown and used,
+    explicit flags always win over the preset."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = "paper"
+    for i, token in enumerate(argv):
+        if token == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif token.startswith("--preset="):
+            preset = token.split("=", 1)[1]
+    overrides = PRESETS.get(preset, {})  # an unknown preset is reported by tyro itself
+    default = dataclasses.replace(Args(), **overrides)
+    return tyro.cli(Args, default=default, args=argv, description=__doc__.split("\n\n")[0])
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill suite defaults and check derived sizes, with a clear message on bad input."""
+    if args.env_id not in DM_CONTROL_ENVS:
+        raise UserError(unsupported_env_message(args.env_id))
+    filled = {k: v for k, v in DM_CONTROL_DEFAULTS.items() if getattr(args, k) is None}
+    args = dataclasses.replace(args, **filled)
+    batch_size = args.num_envs * args.num_steps
+    positive = ["num_envs", "num_steps", "num_mini_batches", "num_epochs", "num_seeds"]
+    positive += ["num_eval_envs", "num_value_samples", "num_kl_samples", "log_interval"]
+    for name in positive + ["episode_length", "actor_hidden", "critic_hidden"]:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if batch_size % args.num_mini_batches != 0:
+        raise UserError(
+            f"num_envs * num_steps = {args.num_envs} * {args.num_steps} = {batch_size} "
+            f"is not divisible by --num-mini-batches {args.num_mini_batches}"
+        )
+    if args.total_timesteps < batch_size:
+        raise UserError(
+            f"--total-timesteps {args.total_timesteps} is smaller than one iteration "
+            f"(num_envs * num_steps = {batch_size})"
+        )
+    if not args.vmin < args.vmax or args.num_bins < 2:
+        raise UserError(f"need vmin < vmax and num_bins >= 2, got {args.vmin}, {args.vmax}, {args.num_bins}")
+    return args
+
+
+# ======================================================================================
+# 2. Environment
+# ======================================================================================
+
+
+def _dm_control_envs() -> tuple[str, ...]:
+    from mujoco_playground import registry
+
+    return tuple(registry.dm_control_suite.ALL_ENVS)
+
+
+class _LazyEnvList:
+    """The DM Control task names, read from Playground the first time they are needed
+    (so that importing this file does no work)."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in _dm_control_envs()
+
+    def __iter__(self):
+        return iter(_dm_control_envs())
+
+
+DM_CONTROL_ENVS = _LazyEnvList()
+
+
+def unsupported_env_message(env_id: str) -> str:
+    from mujoco_playground import registry
+
+    valid = ", ".join(sorted(DM_CONTROL_ENVS))
+    if env_id in registry.ALL_ENVS:
+        return (
+            f"'{env_id}' is a MuJoCo Playground locomotion/manipulation task. This file supports "
+            f"the DM Control suite only; those tasks also need their robot assets (MuJoCo "
+            f"Menagerie) downloaded from the internet on first use. DM Control tasks: {valid}"
+        )
+    return f"unknown --env-id '{env_id}'. Valid DM Control tasks: {valid}"
+
+
+def make_env(env_id: str, impl: str, episode_length: int):
+    """Load a Playground DM Control task with an explicit physics engine.
+
+    Playground's DM Control tasks default to ``impl="warp"`` (MuJoCo Warp). We pick
+    ``impl="jax"`` (MJX written in JAX) for 'auto' on every backend: it is 10-100x faster
+    than warp on a CPU, it is the engine behind the paper's runs, and it composes with
+    ``jax.vmap`` over seeds and with our own auto-reset wrapper. On a GPU ``--impl warp`` may
+    be faster for contact-rich tasks; it is not tested here.
+    """
+    from mujoco_playground import registry
+
+    engine = "jax" if impl == "auto" else impl
+    try:
+        return registry.load(env_id, config_overrides={"impl": engine, "episode_length": episode_length})
+    except Exception as error:  # Playground raises many kinds; the user needs one message
+        raise UserError(f"could not load '{env_id}' with impl='{engine}': {error}") from error
+
+
+class EnvState(NamedTuple):
+    """State of N auto-resetting envs (a pytree, so it lives inside jit and vmap)."""
+
+    physics: Any  # the Playground State of each env, batched over N
+    obs: jax.Array  # (N, obs_size) observation the policy acts on next
+    step_count: jax.Array  # (N,) steps since the episode started (or the random start)
+    episode_return: jax.Array  # (N,) undiscounted return of the running episode
+    episode_length: jax.Array  # (N,) length of the running episode
+    from_reset: jax.Array  # (N,) bool: the running episode started from a real reset
+
+
+class StepResult(NamedTuple):
+    """What one vectorised step hands back (all shaped (N, ...))."""
+
+    next_obs: jax.Array  # first obs of the next episode where one ended, else = final_obs
+    final_obs: jax.Array  # the TRUE observation after this action (IMPLEMENTATION DETAIL 5)
+    reward: jax.Array
+    terminated: jax.Array  # a real terminal state: no bootstrap
+    truncated: jax.Array  # time limit: bootstrap from final_obs
+    episode_done: jax.Array  # a complete episode (started from a reset) ended here
+    episode_return: jax.Array  # its return (valid where episode_done)
+    episode_length: jax.Array  # its length (valid where episode_done)
+
+
+class AutoResetEnv:
+    """N copies of a Playground env that reset themselves and keep the true final obs.
+
+    Playground's stock ``BraxAutoResetWrapper`` overwrites the observation of a finished
+    episode with the first observation of the next one, so a time-limit step can no
+    longer bootstrap from its real next state. This wrapper returns both.
+    """
+
+    def __init__(self, env, num_envs: int, episode_length: int):
+        self.env = env
+        self.num_envs = num_envs
+        self.episode_length = episode_length
+        self.obs_size = int(env.observation_size)
+        self.action_size = int(env.action_size)
+
+    def reset(self, key: jax.Array, randomize_steps: bool) -> EnvState:
+        key_reset, key_steps = jax.random.split(key)
+        physics = jax.vmap(self.env.reset)(jax.random.split(key_reset, self.num_envs))
+        # IMPLEMENTATION DETAIL 4: random initial step counters in [0, episode_length),
+        # so that the N envs do not all hit the time limit (and reset) on the same step.
+        if randomize_steps:
+            steps = jax.random.randint(key_steps, (self.num_envs,), 0, self.episode_length)
+        else:
+            steps = jnp.zeros(self.num_envs, jnp.int32)
+        zeros = jnp.zeros(self.num_envs)
+        # An episode whose counter starts late is cut short: it is not a complete episode
+        # and its return is not logged (from_reset is False until its first real reset).
+        from_reset = jnp.full(self.num_envs, not randomize_steps)
+        return EnvState(physics, physics.obs, steps, zeros, zeros.astype(jnp.int32), from_reset)
+
+    def step(self, state: EnvState, action: jax.Array, key: jax.Array) -> tuple[EnvState, StepResult]:
+        stepped = jax.vmap(self.env.step)(state.physics, action)
+        # DM Control tasks only "terminate" when the physics diverges (NaN state).
+        terminated = stepped.done > 0
+        step_count = state.step_count + 1
+        truncated = (step_count >= self.episode_length) & ~terminated
+        done = terminated | truncated
+        # A diverged state has a NaN observation and reward; it is never bootstrapped from
+        # (terminated), and zeroing it keeps NaN out of the networks and the statistics.
+        final_obs = jnp.where(jnp.isfinite(stepped.obs), stepped.obs, 0.0)
+        reward = jnp.where(jnp.isfinite(stepped.reward), stepped.reward, 0.0)
+        episode_return = state.episode_return + reward
+        episode_length = state.episode_length + 1
+
+        def reset_done(_):
+            fresh = jax.vmap(self.env.reset)(jax.random.split(key, self.num_envs))
+
+            def pick(new, old):
+                mask = done.reshape(done.shape + (1,) * (old.ndim - 1))
+                return jnp.where(mask, new, old)
+
+            return jax.tree.map(pick, fresh, stepped)
+
+        # Full resets with fresh keys, computed only on steps where some env finished
+        # (a real branch when not under vmap; under vmap over seeds it becomes a select).
+        physics = jax.lax.cond(done.any(), reset_done, lambda _: stepped, None)
+        result = StepResult(
+            next_obs=physics.obs,
+            final_obs=final_obs,
+            reward=reward,
+            terminated=terminated,
+            truncated=truncated,
+            episode_done=done & state.from_reset,
+            episode_return=episode_return,
+            episode_length=episode_length,
+        )
+        new_state = EnvState(
+            physics=physics,
+            obs=physics.obs,
+            step_count=jnp.where(done, 0, step_count),
+            episode_return=jnp.where(done, 0.0, episode_return),
+            episode_length=jnp.where(done, 0, episode_length),
+            from_reset=state.from_reset | done,
+        )
+        return new_state, result
+
+
+# ======================================================================================
+# 3. Math
+# ======================================================================================
+
+# IMPLEMENTATION DETAIL 7: actions fed to a log-probability are clipped to +-(1 - 1e-6)
+# so that atanh stays finite (tanh(u) rounds to exactly 1 in float32 for |u| > ~9).
+LOG_PROB_CLIP = 1.0 - 1e-6
+# The KL estimate clips its samples harder, to +-(1 - 1e-4) (SPEC section 8).
+KL_SAMPLE_CLIP = 1.0 - 1e-4
+# IMPLEMENTATION DETAIL 3: actions sent to the environment are clipped to +-0.999.
+ACTION_CLIP = 0.999
+# Floor of the variance in the observation normaliser (the paper code's constant).
+NORMALIZER_EPS = 1e-2
+
+
+def hl_gauss(values: jax.Array, num_bins: int, vmin: float, vmax: float) -> jax.Array:
+    """HL-Gauss categorical target of a scalar (SPEC section 4; Imani & White 2018).
+
+    The target is a Gaussian N(x, sigma^2), sigma = 0.75 * bin width, integrated over
+    each bin of the support:  p_i = Phi((e_{i+1} - x)/sigma) - Phi((e_i - x)/sigma),
+    with bin edges e = linspace(vmin - w/2, vmax + w/2, num_bins + 1), then renormalised.
+    ``values`` of any shape -> probabilities of shape ``values.shape + (num_bins,)``.
+    """
+    width = (vmax - vmin) / (num_bins - 1)
+    sigma = 0.75 * width
+    edges = jnp.linspace(vmin - width / 2, vmax + width / 2, num_bins + 1)
+    x = jnp.clip(values, vmin, vmax)[..., None]
+    cdf = 0.5 * (1.0 + jax.scipy.special.erf((edges - x) / (sigma * math.sqrt(2.0))))
+    probs = cdf[..., 1:] - cdf[..., :-1]
+    return probs / probs.sum(axis=-1, keepdims=True)
+
+
+def tanh_normal_log_prob_from_pre_tanh(pre_tanh: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    """log pi(a|s) of a = tanh(u), u ~ N(mean, std), given u (SPEC section 5).
+
+    log pi(a|s) = sum_d [ log N(u_d; mean_d, std_d) - log(1 - tanh(u_d)^2) ],
+    with the stable form log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)).
+    """
+    z = (pre_tanh - mean) / std
+    log_normal = -0.5 * z**2 - jnp.log(std) - 0.5 * math.log(2.0 * math.pi)
+    log_det_jacobian = 2.0 * (math.log(2.0) - pre_tanh - jax.nn.softplus(-2.0 * pre_tanh))
+    return (log_normal - log_det_jacobian).sum(axis=-1)
+
+
+def tanh_normal_log_prob(action: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    """log pi(action|s) of the tanh-Gaussian policy, summed over the last (action) axis."""
+    pre_tanh = jnp.arctanh(jnp.clip(action, -LOG_PROB_CLIP, LOG_PROB_CLIP))
+    return tanh_normal_log_prob_from_pre_tanh(pre_tanh, mean, std)
+
+
+def sample_tanh_normal(mean: jax.Array, std: jax.Array, noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Reparameterised sample a = tanh(mean + std * noise) and its log-probability.
+
+    The log-probability is computed from the pre-tanh value u, which equals
+    ``tanh_normal_log_prob(a, ...)`` without the atanh round trip.
+    """
+    pre_tanh = mean + std * noise
+    return jnp.tanh(pre_tanh), tanh_normal_log_prob_from_pre_tanh(pre_tanh, mean, std)
+
+
+def soft_lambda_returns(
+    soft_reward: jax.Array,
+    next_value: jax.Array,
+    terminated: jax.Array,
+    truncated: jax.Array,
+    gamma: float,
+    lmbda: float,
+) -> jax.Array:
+    """Soft TD(lambda) targets, backwards in time (SPEC section 7). Inputs (T, N).
+
+        G_t = r~_t                                        if terminated_t
+        G_t = r~_t + gamma * v'_t                         if truncated_t or t = T-1
+        G_t = r~_t + gamma * (lmbda G_{t+1} + (1 - lmbda) v'_t)   otherwise
+
+    A lambda-mixture of n-step soft returns that never crosses an episode boundary and
+    always ends with a bootstrap v' (seeded with G_T := v'_{T-1}).
+    """
+
+    def backward_step(next_return, step):
+        reward, value, term, trunc = step
+        one_step = reward + gamma * value
+        mixed = reward + gamma * (lmbda * next_return + (1.0 - lmbda) * value)
+        target = jnp.where(term, reward, jnp.where(trunc, one_step, mixed))
+        return target, target
+
+    steps = (soft_reward, next_value, terminated.astype(bool), truncated.astype(bool))
+    _, returns = jax.lax.scan(backward_step, next_value[-1], steps, reverse=True)
+    return returns
+
+
+def policy_kl(
+    old_mean: jax.Array, old_std: jax.Array, mean: jax.Array, std: jax.Array, noise: jax.Array
+) -> jax.Array:
+    """Monte Carlo forward KL(pi_old || pi) per state (SPEC section 8).
+
+    KL ~= 1/M sum_m [ log pi_old(a_m|s) - log pi(a_m|s) ],  a_m = clip(tanh(u_m), +-(1-1e-4)),
+    u_m = old_mean + old_std * noise_m. Both log-probabilities are evaluated at the *same*
+    clipped sample. ``noise`` is (M, ..., A) standard normal; returns shape (...).
+    """
+    samples = jnp.clip(jnp.tanh(old_mean + old_std * noise), -KL_SAMPLE_CLIP, KL_SAMPLE_CLIP)
+    log_ratio = tanh_normal_log_prob(samples, old_mean, old_std) - tanh_normal_log_prob(samples, mean, std)
+    return log_ratio.mean(axis=0)
+
+
+class NormalizerState(NamedTuple):
+    """Running mean/variance of observations (SPEC section 3)."""
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+
+def normalizer_init(size: int) -> NormalizerState:
+    return NormalizerState(jnp.zeros(size), jnp.ones(size), jnp.zeros(()))
+
+
+def normalizer_update(state: NormalizerState, batch: jax.Array) -> NormalizerState:
+    """Merge a batch (..., size) into the statistics with Chan's parallel update:
+
+    delta = mean_b - mean,  n = count + count_b,  mean' = mean + delta * count_b / n,
+    var' = (var * count + var_b * count_b + delta^2 * count * count_b / n) / n.
+    """
+    batch = batch.reshape(-1, batch.shape[-1])
+    batch_count = batch.shape[0]
+    batch_mean, batch_var = batch.mean(axis=0), batch.var(axis=0)
+    delta = batch_mean - state.mean
+    total = state.count + batch_count
+    mean = state.mean + delta * batch_count / total
+    m2 = state.var * state.count + batch_var * batch_count + delta**2 * state.count * batch_count / total
+    return NormalizerState(mean, m2 / total, total)
+
+
+def normalize(state: NormalizerState, obs: jax.Array) -> jax.Array:
+    """(obs - mean) / sqrt(var + 1e-2)."""
+    return (obs - state.mean) / jnp.sqrt(state.var + NORMALIZER_EPS)
+
+
+# ======================================================================================
+# 4. Networks
+# ======================================================================================
+# Init family (both files): Linear weights LeCun-normal, i.e. truncated normal with
+# variance 1/fan_in (Flax's default), biases zero; RMSNorm scale one, epsilon 1e-6.
+
+RMS_NORM_EPS = 1e-6
+
+
+class NormedLinear(nnx.Module):
+    """Linear -> RMSNorm -> SiLU, the building block of both networks."""
+
+    def __init__(self, in_features: int, out_features: int, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
+        self.norm = nnx.RMSNorm(out_features, epsilon=RMS_NORM_EPS, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.silu(self.norm(self.linear(x)))
+
+
+class Actor(nnx.Module):
+    """obs -> normed(h) -> normed(h) -> Linear(2A) = (mean, log_std);
+    std = exp(log_std) + min_std; the action is tanh(u), u ~ N(mean, std)."""
+
+    def __init__(self, obs_size: int, action_size: int, hidden: int, min_std: float, rngs: nnx.Rngs):
+        self.hidden1 = NormedLinear(obs_size, hidden, rngs)
+        self.hidden2 = NormedLinear(hidden, hidden, rngs)
+        self.head = nnx.Linear(hidden, 2 * action_size, rngs=rngs)
+        self.min_std = min_std
+
+    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        mean, log_std = jnp.split(self.head(self.hidden2(self.hidden1(obs))), 2, axis=-1)
+        # IMPLEMENTATION DETAIL 2: the std floor min_std keeps the policy from collapsing
+        # to a point mass, which would make log-probabilities and the KL explode.
+        return mean, jnp.exp(log_std) + self.min_std
+
+
+class Critic(nnx.Module):
+    """Categorical Q(s, a) with an auxiliary head (SPEC section 2).
+
+    encoder:  concat(obs, a) -> normed(h) -> Linear(h)            = features z
+    Q head:   SiLU(z) -> normed(h) -> Linear(num_bins) + 40 * zero_dist
+    aux head: SiLU(z) -> normed(h) -> Linear(h + 1)                = (r_hat, z'_hat)
+    """
+
+    def __init__(self, obs_size, action_size, hidden, num_bins, vmin, vmax, rngs: nnx.Rngs):
+        self.encoder = NormedLinear(obs_size + action_size, hidden, rngs)
+        self.encoder_out = nnx.Linear(hidden, hidden, rngs=rngs)
+        self.q_hidden = NormedLinear(hidden, hidden, rngs)
+        self.q_out = nnx.Linear(hidden, num_bins, rngs=rngs)
+        self.aux_hidden = NormedLinear(hidden, hidden, rngs)
+        self.aux_out = nnx.Linear(hidden, hidden + 1, rngs=rngs)
+        # IMPLEMENTATION DETAIL 1: a learnable logit offset 40 * hl_gauss(0) so that the
+        # untrained critic predicts Q ~= 0 instead of the middle of [vmin, vmax].
+        self.zero_dist = nnx.Param(hl_gauss(jnp.zeros(()), num_bins, vmin, vmax))
+
+    def features(self, obs: jax.Array, action: jax.Array) -> jax.Array:
+        return self.encoder_out(self.encoder(jnp.concatenate([obs, action], axis=-1)))
+
+    def q_logits(self, features: jax.Array) -> jax.Array:
+        return self.q_out(self.q_hidden(jax.nn.silu(features))) + 40.0 * self.zero_dist[...]
+
+    def aux(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = self.aux_out(self.aux_hidden(jax.nn.silu(features)))
+        return out[..., 0], out[..., 1:]
+
+    def __call__(self, obs: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """-> (logits (..., num_bins), features (..., hidden))."""
+        features = self.features(obs, action)
+        return self.q_logits(features), features
+
+
+def q_value(logits: jax.Array, vmin: float, vmax: float) -> jax.Array:
+    """Q(s, a) = sum_i softmax(logits)_i c_i, support c = linspace(vmin, vmax, num_bins)."""
+    support = jnp.linspace(vmin, vmax, logits.shape[-1])
+    return (jax.nn.softmax(logits, axis=-1) * support).sum(axis=-1)
+
+
+# ======================================================================================
+# 5. Losses
+# ======================================================================================
+
+
+def critic_loss(
+    critic: Critic,
+    obs: jax.Array,
+    action: jax.Array,
+    target_return: jax.Array,
+    next_features: jax.Array,
+    reward: jax.Array,
+    terminated: jax.Array,
+    vmin: float,
+    vmax: float,
+    aux_coef: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """L_Q = mean_b [ CE(logits(s, a), hl_gauss(G)) + aux_coef * L_aux ]   (SPEC section 8)
+
+    L_aux = (1 - terminated) * [ mean_j (z'_hat - z')_j^2 + (r_hat - r)^2 ]: the critic's
+    features must predict the reward and the next state's features (a self-predictive
+    auxiliary task that shapes the representation). Shapes: obs (B, O), action (B, A),
+    target_return / reward / terminated (B,), next_features (B, hidden).
+    """
+    logits, features = critic(obs, action)
+    target_probs = hl_gauss(target_return, logits.shape[-1], vmin, vmax)
+    cross_entropy = -(target_probs * jax.nn.log_softmax(logits, axis=-1)).sum(axis=-1)  # (B,)
+    reward_pred, next_features_pred = critic.aux(features)
+    aux = ((next_features_pred - next_features) ** 2).mean(axis=-1) + (reward_pred - reward) ** 2
+    aux = aux * (1.0 - terminated)  # (B,)
+    loss = (cross_entropy + aux_coef * aux).mean()
+    info = {
+        "losses/critic_loss": loss,
+        "losses/critic_ce": cross_entropy.mean(),
+        "losses/aux_loss": aux.mean(),
+        "values/q_mean": q_value(logits, vmin, vmax).mean(),
+    }
+    return loss, info
+
+
+def actor_loss(
+    actor: Actor,
+    log_alpha: jax.Array,
+    log_beta: jax.Array,
+    critic: Critic,
+    obs: jax.Array,
+    old_mean: jax.Array,
+    old_std: jax.Array,
+    action_noise: jax.Array,
+    kl_noise: jax.Array,
+    kl_bound: float,
+    entropy_target: float,
+    vmin: float,
+    vmax: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Pathwise actor loss with KL trust region, plus the alpha and beta losses (SPEC 8).
+
+    a = tanh(mean + std * action_noise) (reparameterised), KL = policy_kl(pi_old, pi):
+        l_pi  = sg(alpha) log pi(a|s) - Q(s, a)   if KL < kl_bound, else  sg(beta) KL
+        L_alpha = alpha * sg(-log pi(a|s) - entropy_target)
+        L_beta  = -beta * sg(mean_b KL - kl_bound)
+    returns mean_b(l_pi) + mean_b(L_alpha) + L_beta. Only the actor, log_alpha and
+    log_beta are differentiated (the caller takes gradients with respect to those).
+    Shapes: obs (B, O), old_mean/old_std/action_noise (B, A), kl_noise (M, B, A).
+    """
+    mean, std = actor(obs)
+    action, log_prob = sample_tanh_normal(mean, std, action_noise)  # (B, A), (B,)
+    logits, _ = critic(obs, action)
+    q = q_value(logits, vmin, vmax)
+    kl = policy_kl(old_mean, old_std, mean, std, kl_noise)  # (B,)
+    alpha, beta = jnp.exp(log_alpha), jnp.exp(log_beta)
+    pathwise = jax.lax.stop_gradient(alpha) * log_prob - q
+    # IMPLEMENTATION DETAIL 8: a state whose policy left the trust region gets only the
+    # KL gradient (pull it back); the others get the pathwise gradient through Q.
+    inside = kl < kl_bound
+    policy_loss = jnp.where(inside, pathwise, jax.lax.stop_gradient(beta) * kl).mean()
+    alpha_loss = (alpha * jax.lax.stop_gradient(-log_prob - entropy_target)).mean()
+    beta_loss = -beta * jax.lax.stop_gradient(kl.mean() - kl_bound)
+    loss = policy_loss + alpha_loss + beta_loss
+    info = {
+        "losses/actor_loss": policy_loss,
+        "losses/alpha_loss": alpha_loss,
+        "losses/beta_loss": beta_loss,
+        "policy/kl": kl.mean(),
+        "policy/kl_outside_frac": 1.0 - inside.mean(),
+        "policy/entropy": -log_prob.mean(),
+        "policy/alpha": alpha,
+        "policy/beta": beta,
+        "policy/std": std.mean(),
+    }
+    return loss, info
+
+
+# ======================================================================================
+# 6. Collect / Learn / Evaluate
+# ======================================================================================
+
+
+class TrainState(NamedTuple):
+    """Everything one seed's training carries from iteration to iteration."""
+
+    actor: nnx.State  # actor parameters
+    log_alpha: jax.Array  # entropy temperature, log-space
+    log_beta: jax.Array  # KL multiplier, log-space
+    critic: nnx.State  # critic parameters
+    actor_opt: optax.OptState  # Adam state of (actor, log_alpha, log_beta)
+    critic_opt: optax.OptState  # Adam state of the critic
+    normalizer: NormalizerState
+    env: EnvState
+    key: jax.Array
+    iteration: jax.Array  # completed training iterations
+
+
+class Rollout(NamedTuple):
+    """One rollout, every field time-first: (T, N, ...)."""
+
+    obs: jax.Array  # normalised s_t (with the statistics in force during collection)
+    raw_obs: jax.Array  # un-normalised s_t, to update the normaliser afterwards
+    action: jax.Array  # the clipped action that was executed
+    reward: jax.Array
+    soft_reward: jax.Array
+    next_value: jax.Array  # v'_t = mean_k Q(s'_t, a'_k)
+    next_features: jax.Array  # z'_t = features(s'_t, a'_1)
+    terminated: jax.Array
+    truncated: jax.Array
+    episode_done: jax.Array
+    episode_return: jax.Array
+    episode_length: jax.Array
+
+
+class Agent(NamedTuple):
+    """The pure functions of one run, closed over its static configuration."""
+
+    init: Any  # key -> TrainState
+    train_chunk: Any  # (TrainState, num_iterations) -> (TrainState, metrics (num_iterations,))
+    evaluate: Any  # (TrainState, key) -> returns (num_eval_envs,)
+
+
+def make_agent(args: Args, env) -> Agent:
+    """Build init / train_chunk / evaluate for one seed (``jax.vmap`` them for several)."""
+    train_env = AutoResetEnv(env, args.num_envs, args.episode_length)
+    eval_env = AutoResetEnv(env, args.num_eval_envs, args.episode_length)
+    obs_size, action_size = train_env.obs_size, train_env.action_size
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_mini_batches
+    entropy_target = -args.ent_target_mult * action_size
+    vmin, vmax = args.vmin, args.vmax
+
+    def make_optimizer():
+        return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.learning_rate))
+
+    actor_tx, critic_tx = make_optimizer(), make_optimizer()
+    # The graph definitions (structure, no arrays) are fixed; parameters travel separately.
+    abstract = nnx.eval_shape(lambda: _build_networks(args, obs_size, action_size, nnx.Rngs(0)))
+    actor_graph, critic_graph = nnx.graphdef(abstract[0]), nnx.graphdef(abstract[1])
+
+    def init(key: jax.Array) -> TrainState:
+        key, key_net, key_env = jax.random.split(key, 3)
+        actor, critic = _build_networks(args, obs_size, action_size, nnx.Rngs(key_net))
+        actor_params, critic_params = nnx.state(actor), nnx.state(critic)
+        log_alpha = jnp.log(jnp.float32(args.ent_start))
+        log_beta = jnp.log(jnp.float32(args.kl_start))
+        return TrainState(
+            actor=actor_params,
+            log_alpha=log_alpha,
+            log_beta=log_beta,
+            critic=critic_params,
+            actor_opt=actor_tx.init((actor_params, log_alpha, log_beta)),
+            critic_opt=critic_tx.init(critic_params),
+            normalizer=normalizer_init(obs_size),
+            env=train_env.reset(key_env, randomize_steps=True),
+            key=key,
+            iteration=jnp.zeros((), jnp.int32),
+        )
+
+    def collect_rollout(state: TrainState, key: jax.Array) -> tuple[EnvState, Rollout]:
+        """T steps on N envs with the current policy; soft rewards and v' (SPEC 6)."""
+        actor = nnx.merge(actor_graph, state.actor)
+        critic = nnx.merge(critic_graph, state.critic)
+        alpha = jnp.exp(state.log_alpha)
+
+        def env_step(env_state: EnvState, step_key):
+            key_action, key_next, key_reset = jax.random.split(step_key, 3)
+            raw_obs = env_state.obs  # (N, O), kept to update the normaliser afterwards
+            obs = normalize(state.normalizer, raw_obs)
+            mean, std = actor(obs)
+            action, _ = sample_tanh_normal(mean, std, jax.random.normal(key_action, mean.shape))
+            action = jnp.clip(action, -ACTION_CLIP, ACTION_CLIP)  # (N, A)
+            env_state, step = train_env.step(env_state, action, key_reset)
+            # Value of the TRUE next state under the current policy: K fresh actions a'.
+            next_obs = normalize(state.normalizer, step.final_obs)  # (N, O)
+            next_mean, next_std = actor(next_obs)
+            noise_shape = (args.num_value_samples,) + next_mean.shape
+            next_action, next_log_prob = sample_tanh_normal(
+                next_mean, next_std, jax.random.normal(key_next, noise_shape)
+            )  # (K, N, A), (K, N)
+            next_obs_k = jnp.broadcast_to(next_obs, (args.num_value_samples,) + next_obs.shape)
+            next_logits, next_features = critic(next_obs_k, next_action)
+            next_value = q_value(next_logits, vmin, vmax).mean(axis=0)  # (N,)
+            # IMPLEMENTATION DETAIL 6: no entropy bonus after a terminal state.
+            not_terminal = 1.0 - step.terminated
+            soft_reward = step.reward - not_terminal * args.gamma * alpha * next_log_prob.mean(axis=0)
+            transition = Rollout(
+                obs=obs,
+                raw_obs=raw_obs,
+                action=action,
+                reward=step.reward,
+                soft_reward=soft_reward,
+                next_value=next_value,
+                next_features=next_features[0],
+                terminated=step.terminated.astype(jnp.float32),
+                truncated=step.truncated.astype(jnp.float32),
+                episode_done=step.episode_done,
+                episode_return=step.episode_return,
+                episode_length=step.episode_length,
+            )
+            return env_state, transition
+
+        return jax.lax.scan(env_step, state.env, jax.random.split(key, args.num_steps))
+
+    def update_minibatch(carry, minibatch):
+        """One critic step, then one actor step (SPEC section 8)."""
+        actor_params, log_alpha, log_beta, critic_params, actor_opt, critic_opt, key = carry
+        key, key_action, key_kl = jax.random.split(key, 3)
+
+        def critic_objective(params):
+            critic = nnx.merge(critic_graph, params)
+            return critic_loss(
+                critic,
+                minibatch["obs"],
+                minibatch["action"],
+                minibatch["target_return"],
+                minibatch["next_features"],
+                minibatch["reward"],
+                minibatch["terminated"],
+                vmin,
+                vmax,
+                args.aux_coef,
+            )
+
+        critic_grads, critic_info = jax.grad(critic_objective, has_aux=True)(critic_params)
+        updates, critic_opt = critic_tx.update(critic_grads, critic_opt, critic_params)
+        critic_params = optax.apply_updates(critic_params, updates)
+
+        critic = nnx.merge(critic_graph, critic_params)  # the freshly updated critic
+        action_noise = jax.random.normal(key_action, minibatch["old_mean"].shape)
+        kl_noise = jax.random.normal(key_kl, (args.num_kl_samples,) + minibatch["old_mean"].shape)
+
+        def actor_objective(actor_vars):
+            params, alpha_param, beta_param = actor_vars
+            return actor_loss(
+                nnx.merge(actor_graph, params),
+                alpha_param,
+                beta_param,
+                critic,
+                minibatch["obs"],
+                minibatch["old_mean"],
+                minibatch["old_std"],
+                action_noise,
+                kl_noise,
+                args.kl_bound,
+                entropy_target,
+                vmin,
+                vmax,
+            )
+
+        actor_vars = (actor_params, log_alpha, log_beta)
+        actor_grads, actor_info = jax.grad(actor_objective, has_aux=True)(actor_vars)
+        updates, actor_opt = actor_tx.update(actor_grads, actor_opt, actor_vars)
+        actor_params, log_alpha, log_beta = optax.apply_updates(actor_vars, updates)
+        carry = (actor_params, log_alpha, log_beta, critic_params, actor_opt, critic_opt, key)
+        return carry, {**critic_info, **actor_info}
+
+    def train_iteration(state: TrainState, _=None) -> tuple[TrainState, dict[str, jax.Array]]:
+        """collect -> update normaliser -> soft TD(lambda) targets -> epochs of minibatches."""
+        key, key_collect, key_learn = jax.random.split(state.key, 3)
+        env_state, rollout = collect_rollout(state, key_collect)
+        # SPEC 3: statistics updated after collection, before learning; the batch keeps
+        # the normalisation it was collected with (learner and behaviour policy agree).
+        normalizer = normalizer_update(state.normalizer, rollout.raw_obs)
+        target_return = soft_lambda_returns(
+            rollout.soft_reward, rollout.next_value, rollout.terminated, rollout.truncated, args.gamma, args.lmbda
+        )  # (T, N)
+
+        # pi_old: the policy that collected the batch, frozen for the whole learning phase.
+        old_mean, old_std = nnx.merge(actor_graph, state.actor)(rollout.obs)
+
+        def flat(x):
+            return x.reshape((batch_size,) + x.shape[2:])
+
+        batch = {
+            "obs": flat(rollout.obs),
+            "action": flat(rollout.action),
+            "target_return": flat(target_return),
+            "next_features": flat(rollout.next_features),
+            "reward": flat(rollout.reward),
+            "terminated": flat(rollout.terminated),
+            "old_mean": flat(old_mean),
+            "old_std": flat(old_std),
+        }
+
+        def epoch(carry, epoch_key):
+            # A fresh permutation each epoch, split into num_mini_batches minibatches.
+            order = jax.random.permutation(epoch_key, batch_size)
+            shuffled = jax.tree.map(
+                lambda x: x[order].reshape((args.num_mini_batches, minibatch_size) + x.shape[1:]), batch
+            )
+            return jax.lax.scan(update_minibatch, carry, shuffled)
+
+        key_epochs, key_updates = jax.random.split(key_learn)
+        carry = (
+            state.actor,
+            state.log_alpha,
+            state.log_beta,
+            state.critic,
+            state.actor_opt,
+            state.critic_opt,
+            key_updates,
+        )
+        carry, infos = jax.lax.scan(epoch, carry, jax.random.split(key_epochs, args.num_epochs))
+        actor_params, log_alpha, log_beta, critic_params, actor_opt, critic_opt, _ = carry
+
+        metrics = jax.tree.map(jnp.mean, infos)
+        done = rollout.episode_done
+        metrics.update(
+            {
+                "charts/episodes": done.sum(),
+                "charts/episode_return_sum": jnp.where(done, rollout.episode_return, 0.0).sum(),
+                "charts/episode_length_sum": jnp.where(done, rollout.episode_length, 0).sum(),
+                "values/target_return_mean": target_return.mean(),
+                "values/next_value_mean": rollout.next_value.mean(),
+                "values/soft_reward_mean": rollout.soft_reward.mean(),
+                "values/reward_mean": rollout.reward.mean(),
+            }
+        )
+        new_state = TrainState(
+            actor=actor_params,
+            log_alpha=log_alpha,
+            log_beta=log_beta,
+            critic=critic_params,
+            actor_opt=actor_opt,
+            critic_opt=critic_opt,
+            normalizer=normalizer,
+            env=env_state,
+            key=key,
+            iteration=state.iteration + 1,
+        )
+        return new_state, metrics
+
+    def train_chunk(state: TrainState, num_iterations: int):
+        """``num_iterations`` training iterations fused into one compiled call."""
+        return jax.lax.scan(train_iteration, state, None, length=num_iterations)
+
+    def evaluate(state: TrainState, key: jax.Array) -> jax.Array:
+        """Deterministic policy tanh(mean) on separate envs, one full episode each (SPEC 10).
+
+        The normaliser is frozen (the statistics of the state being evaluated)."""
+        actor = nnx.merge(actor_graph, state.actor)
+        env_state = eval_env.reset(key, randomize_steps=False)
+
+        def eval_step(carry, step_key):
+            env_state, returns, alive = carry
+            mean, _ = actor(normalize(state.normalizer, env_state.obs))
+            action = jnp.clip(jnp.tanh(mean), -ACTION_CLIP, ACTION_CLIP)
+            env_state, step = eval_env.step(env_state, action, step_key)
+            returns = returns + jnp.where(alive, step.reward, 0.0)
+            alive = alive & ~(step.terminated | step.truncated)
+            return (env_state, returns, alive), None
+
+        returns = jnp.zeros(args.num_eval_envs)
+        alive = jnp.ones(args.num_eval_envs, bool)
+        keys = jax.random.split(key, args.episode_length)
+        (_, returns, _), _ = jax.lax.scan(eval_step, (env_state, returns, alive), keys)
+        return returns
+
+    return Agent(init=init, train_chunk=train_chunk, evaluate=evaluate)
+
+
+def _build_networks(args: Args, obs_size: int, action_size: int, rngs: nnx.Rngs) -> tuple[Actor, Critic]:
+    actor = Actor(obs_size, action_size, args.actor_hidden, args.min_std, rngs)
+    critic = Critic(obs_size, action_size, args.critic_hidden, args.num_bins, args.vmin, args.vmax, rngs)
+    return actor, critic
+
+
+# ======================================================================================
+# 7. Logging & checkpoints
+# ======================================================================================
+
+CHECKPOINT_NAME = "checkpoint.npz"
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ["jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground", "numpy", "tyro"]:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def save_checkpoint(path: str, state: TrainState, args: Args, global_step: int) -> None:
+    """One .npz file: every array of the (seed-batched) TrainState -- actor, critic, both
+    optimiser states, log_alpha/log_beta, normaliser, env state, RNG key, iteration --
+    plus the args and counters as JSON. Written atomically (tmp file + rename)."""
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(state))]
+    meta = {"args": dataclasses.asdict(args), "global_step": global_step, "num_leaves": len(leaves)}
+    arrays = {f"leaf_{i:05d}": leaf for i, leaf in enumerate(leaves)}
+    tmp_path = path + ".tmp.npz"
+    np.savez(tmp_path, meta=np.array(json.dumps(meta)), **arrays)
+    os.replace(tmp_path, path)
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        with np.load(path) as data:
+            return json.loads(str(data["meta"]))
+    except Exception as error:
+        raise UserError(f"'{path}' is not a reppo_jax checkpoint: {error}") from error
+
+
+def load_checkpoint(path: str, template: TrainState) -> TrainState:
+    """Restore a TrainState saved by save_checkpoint into the structure of ``template``
+    (an abstract state built from the same args), checking every shape."""
+    leaves, treedef = jax.tree.flatten(template)
+    with np.load(path) as data:
+        saved = [data[f"leaf_{i:05d}"] for i in range(len([k for k in data.files if k.startswith("leaf_")]))]
+    if len(saved) != len(leaves):
+        raise UserError(f"checkpoint '{path}' holds {len(saved)} arrays, this configuration needs {len(leaves)}")
+    for i, (array, like) in enumerate(zip(saved, leaves)):
+        if array.shape != like.shape:
+            raise UserError(f"checkpoint '{path}' array {i} has shape {array.shape}, expected {like.shape}")
+    return jax.tree.unflatten(treedef, [jnp.asarray(a, dtype=like.dtype) for a, like in zip(saved, leaves)])
+
+
+class MetricsLogger:
+    """metrics.csv (always), wandb (with --track) and a tqdm progress bar on stderr."""
+
+    def __init__(self, args: Args, run_dir: str, run_name: str, start_step: int, metric_names: list[str]):
+        self.args = args
+        self.path = os.path.join(run_dir, "metrics.csv")
+        self.columns = ["global_step", "seed"] + sorted(set(metric_names) - {"seed"})
+        kept = []
+        if os.path.exists(self.path):  # a resumed run: drop the rows past the checkpoint
+            with open(self.path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["global_step"]) <= start_step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=run_name,
+                config=dataclasses.asdict(args),
+                mode=args.wandb_mode,
+                dir=run_dir,
+                resume="allow",
+                id=run_name.replace("/", "_"),
+            )
+        self.bar = None
+        if args.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=args.total_timesteps, initial=start_step, unit="step", unit_scale=True, file=sys.stderr
+            )
+
+    def log(self, global_step: int, rows: list[dict[str, float]]) -> None:
+        """One row per seed; wandb gets the mean over seeds (and each seed's eval return)."""
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            for row in rows:
+                writer.writerow({"global_step": global_step, **row})
+        if self.wandb is not None:
+            keys = [k for k in rows[0] if k != "seed"]
+            summary = {k: float(np.nanmean([row.get(k, np.nan) for row in rows])) for k in keys}
+            if len(rows) > 1:
+                summary.update({f"eval/episodic_return_seed{r['seed']}": r["eval/episodic_return"] for r in rows})
+            self.wandb.log(summary, step=global_step)
+
+    def progress(self, global_step: int, sps: float, eval_return: float) -> None:
+        if self.bar is not None:
+            self.bar.n = global_step
+            self.bar.set_postfix(SPS=f"{sps:,.0f}", eval_return=f"{eval_return:.1f}")
+            self.bar.refresh()
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def first_nonfinite(metrics: dict[str, np.ndarray]) -> tuple[str, int] | None:
+    """(metric name, index along the iteration axis) of the first NaN/inf, else None.
+    Metrics are shaped (num_seeds, num_iterations)."""
+    worst = None
+    for name, values in metrics.items():
+        bad = ~np.isfinite(np.asarray(values, dtype=np.float64))
+        if bad.any():
+            index = int(np.argmax(bad.any(axis=0)))
+            if worst is None or index < worst[1]:
+                worst = (name, index)
+    return worst
+
+
+# ======================================================================================
+# 8. main
+# ======================================================================================
+
+
+class Runner:
+    """Compiles the vmapped functions of one configuration and drives them."""
+
+    def __init__(self, args: Args):
+        self.args = args
+        env = make_env(args.env_id, args.impl, args.episode_length)
+        self.agent = make_agent(args, env)
+        self.seed_keys = jax.vmap(jax.random.PRNGKey)(args.seed + jnp.arange(args.num_seeds))
+        self._chunks: dict[int, Any] = {}
+        self.compile_seconds = 0.0
+
+    def init(self) -> TrainState:
+        return jax.jit(jax.vmap(self.agent.init))(self.seed_keys)
+
+    def abstract_state(self) -> TrainState:
+        return jax.eval_shape(jax.vmap(self.agent.init), self.seed_keys)
+
+    def _compiled(self, fn, *example):
+        start = time.perf_counter()
+        compiled = jax.jit(fn).lower(*example).compile()
+        self.compile_seconds += time.perf_counter() - start
+        return compiled
+
+    def compile_chunk(self, state: TrainState, num_iterations: int) -> None:
+        """Compile (once per chunk length) ahead of time, so SPS never includes it."""
+        if num_iterations not in self._chunks:
+            chunk = jax.vmap(partial(self.agent.train_chunk, num_iterations=num_iterations))
+            self._chunks[num_iterations] = self._compiled(chunk, state)
+
+    def train_chunk(self, state: TrainState, num_iterations: int):
+        self.compile_chunk(state, num_iterations)
+        return self._chunks[num_iterations](state)
+
+    def metric_names(self, state: TrainState) -> list[str]:
+        """Names of every column a log row holds (from the shapes alone, nothing runs)."""
+        shapes = jax.eval_shape(jax.vmap(partial(self.agent.train_chunk, num_iterations=1)), state)[1]
+        dummy = {name: np.ones((1, 1)) for name in shapes}
+        return list(_train_row(dummy, 0, 0.0)) + list(_eval_row(self.args, 0, np.zeros(1)))
+
+    def evaluate(self, state: TrainState) -> np.ndarray:
+        """Evaluation returns (num_seeds, num_eval_envs) with fresh keys derived from the
+        seed and the iteration (so a resumed run evaluates exactly like an unbroken one)."""
+        keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.fold_in(k, 0xE7A1), i))(
+            self.seed_keys, state.iteration
+        )
+        if "evaluate" not in self._chunks:
+            self._chunks["evaluate"] = self._compiled(jax.vmap(self.agent.evaluate), state, keys)
+        return np.asarray(self._chunks["evaluate"](state, keys))
+
+
+def make_run_dir(args: Args) -> tuple[str, str]:
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    return run_name, run_dir
+
+
+def write_args(args: Args, run_dir: str) -> None:
+    record = {
+        "args": dataclasses.asdict(args),
+        "versions": library_versions(),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "command": " ".join(sys.argv),
+    }
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def run_eval_only(args: Args) -> None:
+    if args.checkpoint is None:
+        raise UserError("--eval-only needs --checkpoint PATH")
+    meta = read_checkpoint_meta(args.checkpoint)
+    saved = dataclasses.replace(Args(), **meta["args"])
+    saved = dataclasses.replace(saved, num_eval_envs=args.num_eval_envs)
+    runner = Runner(saved)
+    state = load_checkpoint(args.checkpoint, runner.abstract_state())
+    returns = runner.evaluate(state)
+    for index, seed_returns in enumerate(returns):
+        print(
+            f"eval seed={saved.seed + index} step={meta['global_step']} "
+            f"episodic_return={seed_returns.mean():.2f} +- {seed_returns.std():.2f} "
+            f"over {len(seed_returns)} episodes"
+        )
+
+
+def train(args: Args) -> str:
+    """Train (or resume) a run; returns the run folder."""
+    start_step = 0
+    if args.resume is not None:
+        meta = read_checkpoint_meta(args.resume)
+        saved = dataclasses.replace(Args(), **meta["args"])
+        explicit_total = any(a.startswith("--total-timesteps") for a in sys.argv[1:])
+        total = args.total_timesteps if explicit_total else saved.total_timesteps
+        args = dataclasses.replace(saved, total_timesteps=total, resume=args.resume, progress=args.progress)
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        run_name = os.path.basename(run_dir)
+        start_step = meta["global_step"]
+    else:
+        run_name, run_dir = make_run_dir(args)
+    write_args(args, run_dir)
+
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+    if jax.default_backend() == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
+        hours = args.total_timesteps / CPU_PAPER_SETTING_SPS / 3600
+        print(
+            f"No accelerator found (JAX backend: cpu). At this setting a 2-core CPU trains at about "
+            f"{CPU_PAPER_SETTING_SPS:,} env-steps/s, so {args.total_timesteps:,} steps take about "
+            f"{hours:.1f} h. For a CPU, try --preset cpu.",
+            file=sys.stderr,
+        )
+
+    runner = Runner(args)
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
+    state = load_checkpoint(args.resume, runner.abstract_state()) if args.resume else runner.init()
+    logger = MetricsLogger(args, run_dir, run_name, start_step, runner.metric_names(state))
+    logger.write(f"run folder: {run_dir}")
+
+    iteration = int(np.asarray(state.iteration)[0])
+    train_seconds = 0.0
+    train_steps = 0
+    try:
+        if iteration == 0:  # the untrained policy, so curves start at step 0
+            returns = runner.evaluate(state)
+            logger.log(0, [_eval_row(args, s, returns[s]) for s in range(args.num_seeds)])
+        while iteration < num_iterations:
+            chunk = min(args.log_interval - iteration % args.log_interval, num_iterations - iteration)
+            runner.compile_chunk(state, chunk)
+            start = time.perf_counter()
+            new_state, metrics = runner.train_chunk(state, chunk)
+            metrics = jax.device_get(metrics)
+            train_seconds += time.perf_counter() - start
+            train_steps += chunk * batch_size
+            bad = first_nonfinite(metrics)
+            if bad is not None:
+                name, index = bad
+                if args.save_model or args.resume:
+                    save_checkpoint(checkpoint_path, state, args, iteration * batch_size)
+                raise UserError(
+                    f"non-finite {name} at iteration {iteration + index + 1}; stopped. "
+                    f"The last finite state (iteration {iteration}) is in {checkpoint_path}"
+                    if args.save_model or args.resume
+                    else f"non-finite {name} at iteration {iteration + index + 1}; stopped"
+                )
+            state, iteration = new_state, iteration + chunk
+            global_step = iteration * batch_size
+            returns = runner.evaluate(state)
+            sps = train_steps / train_seconds
+            rows = [
+                {**_train_row(metrics, s, sps), **_eval_row(args, s, returns[s])} for s in range(args.num_seeds)
+            ]
+            logger.log(global_step, rows)
+            logger.progress(global_step, sps, float(returns.mean()))
+            if args.save_model:
+                save_checkpoint(checkpoint_path, state, args, global_step)
+        logger.write(
+            f"done: {iteration * batch_size:,} steps, final eval return "
+            f"{float(returns.mean()):.1f}, SPS {train_steps / max(train_seconds, 1e-9):,.0f} "
+            f"(after compilation; compile {runner.compile_seconds:.1f} s), peak RSS {peak_rss_mb():,.0f} MiB"
+        )
+    except KeyboardInterrupt:
+        save_checkpoint(checkpoint_path, state, args, iteration * batch_size)
+        logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
+        logger.close()
+        raise
+    logger.close()
+    return run_dir
+
+
+def _eval_row(args: Args, seed_index: int, returns: np.ndarray) -> dict[str, float]:
+    return {
+        "seed": args.seed + seed_index,
+        "eval/episodic_return": float(returns.mean()),
+        "eval/episodic_return_std": float(returns.std()),
+    }
+
+
+def _train_row(metrics: dict[str, np.ndarray], seed_index: int, sps: float) -> dict[str, float]:
+    """Average a chunk's per-iteration metrics of one seed into one row."""
+    row = {k: float(np.mean(v[seed_index])) for k, v in metrics.items() if not k.startswith("charts/episode")}
+    episodes = float(np.sum(metrics["charts/episodes"][seed_index]))
+    nan = float("nan")
+    row["charts/episodic_return"] = float(np.sum(metrics["charts/episode_return_sum"][seed_index])) / episodes if episodes else nan
+    row["charts/episodic_length"] = float(np.sum(metrics["charts/episode_length_sum"][seed_index])) / episodes if episodes else nan
+    row["charts/SPS"] = sps
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = resolve_args(parse_args(argv))
+        if args.eval_only:
+            run_eval_only(args)
+        else:
+            train(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

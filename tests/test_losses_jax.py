@@ -1,0 +1,130 @@
+"""Gradients of the REPPO losses in reppo_jax.py behave as SPEC section 8 says."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import reppo_jax as rj
+
+OBS, ACT, B, M = 5, 3, 32, 16
+VMIN, VMAX = 0.0, 150.0
+
+
+@pytest.fixture()
+def setup():
+    rngs = nnx.Rngs(0)
+    actor = rj.Actor(OBS, ACT, 32, 0.1, rngs)
+    critic = rj.Critic(OBS, ACT, 32, 51, VMIN, VMAX, rngs)
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    obs = jax.random.normal(keys[0], (B, OBS))
+    action_noise = jax.random.normal(keys[1], (B, ACT))
+    kl_noise = jax.random.normal(keys[2], (M, B, ACT))
+    return actor, critic, obs, action_noise, kl_noise
+
+
+def loss_and_grads(actor, critic, obs, old_mean, old_std, action_noise, kl_noise, log_alpha, log_beta, kl_bound=0.1):
+    graph, params = nnx.split(actor)
+
+    def objective(variables):
+        p, la, lb = variables
+        return rj.actor_loss(
+            nnx.merge(graph, p), la, lb, critic, obs, old_mean, old_std, action_noise, kl_noise, kl_bound, -1.5,
+            VMIN, VMAX,
+        )
+
+    (loss, info), grads = jax.value_and_grad(objective, has_aux=True)((params, log_alpha, log_beta))
+    return loss, info, grads, graph, params
+
+
+def test_outside_the_trust_region_the_actor_gradient_is_the_kl_gradient(setup):
+    actor, critic, obs, action_noise, kl_noise = setup
+    mean, std = actor(obs)
+    old_mean, old_std = mean + 2.0, std * 0.5  # far away: every state's KL > bound
+    log_beta = jnp.log(3.0)
+    _, info, grads, graph, params = loss_and_grads(
+        actor, critic, obs, old_mean, old_std, action_noise, kl_noise, jnp.log(0.05), log_beta
+    )
+    assert float(info["policy/kl_outside_frac"]) == 1.0
+
+    def beta_kl(p):
+        new_mean, new_std = nnx.merge(graph, p)(obs)
+        return 3.0 * rj.policy_kl(old_mean, old_std, new_mean, new_std, kl_noise).mean()
+
+    expected = jax.grad(beta_kl)(params)
+    for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_inside_the_trust_region_the_actor_gradient_is_pathwise(setup):
+    actor, critic, obs, action_noise, kl_noise = setup
+    old_mean, old_std = actor(obs)  # pi_old = pi: KL = 0 < bound
+    _, info, grads, graph, params = loss_and_grads(
+        actor, critic, obs, old_mean, old_std, action_noise, kl_noise, jnp.log(0.05), jnp.log(3.0)
+    )
+    assert float(info["policy/kl_outside_frac"]) == 0.0
+
+    def pathwise(p):
+        mean, std = nnx.merge(graph, p)(obs)
+        action, log_prob = rj.sample_tanh_normal(mean, std, action_noise)
+        logits, _ = critic(obs, action)
+        return (0.05 * log_prob - rj.q_value(logits, VMIN, VMAX)).mean()
+
+    expected = jax.grad(pathwise)(params)
+    for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # the critic is only used: the loss takes no gradient with respect to it by construction
+
+
+def test_temperature_falls_when_entropy_is_above_target_and_rises_below(setup):
+    actor, critic, obs, action_noise, kl_noise = setup
+    mean, std = actor(obs)
+    for target, direction in [(-50.0, -1), (50.0, +1)]:
+        graph, params = nnx.split(actor)
+
+        def objective(la):
+            loss, info = rj.actor_loss(
+                nnx.merge(graph, params), la, jnp.log(1.0), critic, obs, mean, std, action_noise, kl_noise, 0.1,
+                target, VMIN, VMAX,
+            )
+            return loss
+
+        log_alpha = jnp.log(0.1)
+        new_log_alpha = log_alpha - 0.1 * jax.grad(objective)(log_alpha)  # one SGD step
+        assert direction * (float(new_log_alpha) - float(log_alpha)) > 0
+
+
+def test_kl_multiplier_rises_when_kl_exceeds_the_bound_and_falls_below(setup):
+    actor, critic, obs, action_noise, kl_noise = setup
+    mean, std = actor(obs)
+    for old_mean, direction in [(mean + 2.0, +1), (mean, -1)]:
+        _, info, grads, _, _ = loss_and_grads(
+            actor, critic, obs, old_mean, std, action_noise, kl_noise, jnp.log(0.05), jnp.log(1.0)
+        )
+        new_log_beta = 0.0 - 0.1 * grads[2]
+        assert direction * float(new_log_beta) > 0
+
+
+def test_critic_loss_is_cross_entropy_plus_masked_aux(setup):
+    _, critic, obs, action_noise, _ = setup
+    action = jnp.tanh(action_noise)
+    target = jnp.linspace(1.0, 100.0, B)
+    next_features = jax.random.normal(jax.random.PRNGKey(5), (B, 32))
+    reward = jnp.linspace(0.0, 1.0, B)
+    terminated = (jnp.arange(B) % 4 == 0).astype(jnp.float32)
+    loss, info = rj.critic_loss(critic, obs, action, target, next_features, reward, terminated, VMIN, VMAX, 0.5)
+    logits, features = critic(obs, action)
+    probs = np.asarray(rj.hl_gauss(target, 51, VMIN, VMAX))
+    ce = -(probs * np.asarray(jax.nn.log_softmax(logits))).sum(-1)
+    r_hat, z_hat = critic.aux(features)
+    aux = ((np.asarray(z_hat) - np.asarray(next_features)) ** 2).mean(-1) + (np.asarray(r_hat) - reward) ** 2
+    aux = aux * (1 - np.asarray(terminated))
+    np.testing.assert_allclose(loss, (ce + 0.5 * aux).mean(), rtol=1e-5)
+
+
+def test_untrained_critic_predicts_about_zero(setup):
+    _, critic, obs, action_noise, _ = setup
+    logits, _ = critic(obs, jnp.tanh(action_noise))
+    q = np.asarray(rj.q_value(logits, VMIN, VMAX))
+    assert np.abs(q).max() < 0.05 * (VMAX - VMIN) / 50  # near 0, not near the middle (75)

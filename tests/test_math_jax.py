@@ -1,0 +1,229 @@
+"""The math of reppo_jax.py against independent references (loops, closed forms, quadrature)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+import reppo_jax as rj
+
+# ------------------------------------------------------------------------------ hl_gauss
+
+
+@pytest.mark.parametrize("vmin, vmax, num_bins", [(0.0, 150.0, 151), (-15.0, 15.0, 101), (-10.0, 10.0, 51)])
+def test_hl_gauss_sums_to_one_and_recovers_value(vmin, vmax, num_bins):
+    width = (vmax - vmin) / (num_bins - 1)
+    values = np.random.default_rng(0).uniform(vmin + 3 * width, vmax - 3 * width, size=200)
+    probs = np.asarray(rj.hl_gauss(jnp.asarray(values, jnp.float32), num_bins, vmin, vmax))
+    assert probs.shape == (200, num_bins)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert (probs >= 0).all()
+    support = np.linspace(vmin, vmax, num_bins)
+    # Inside the support (away from the clipped edges) the mean recovers x closely.
+    np.testing.assert_allclose(probs @ support, values, atol=0.02 * width)
+
+
+def test_hl_gauss_clips_outside_support():
+    probs = np.asarray(rj.hl_gauss(jnp.array([-50.0, 0.0, 150.0, 400.0]), 151, 0.0, 150.0))
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-7)
+    np.testing.assert_allclose(probs[3], probs[2], atol=1e-7)
+    assert probs[0].argmax() == 0 and probs[3].argmax() == 150
+
+
+def test_hl_gauss_matches_numerical_integration_of_the_density():
+    vmin, vmax, num_bins = -5.0, 5.0, 21
+    width = (vmax - vmin) / (num_bins - 1)
+    sigma = 0.75 * width
+    for x in [-4.3, -0.77, 0.0, 1.234, 4.9]:
+        edges = vmin - width / 2 + width * np.arange(num_bins + 1)
+        reference = np.array(
+            [integrate.quad(lambda y: stats.norm.pdf(y, x, sigma), lo, hi)[0] for lo, hi in zip(edges[:-1], edges[1:])]
+        )
+        reference /= reference.sum()
+        probs = np.asarray(rj.hl_gauss(jnp.float32(x), num_bins, vmin, vmax))
+        np.testing.assert_allclose(probs, reference, atol=2e-6)
+
+
+# --------------------------------------------------------------- tanh-Gaussian log-prob
+
+
+def naive_tanh_normal_log_prob(action, mean, std):
+    """Change of variables in float64, written the obvious way."""
+    action, mean, std = (np.asarray(v, np.float64) for v in (action, mean, std))
+    pre_tanh = np.arctanh(action)
+    log_normal = stats.norm.logpdf(pre_tanh, mean, std)
+    return (log_normal - np.log(1.0 - action**2)).sum(-1)
+
+
+def test_tanh_normal_log_prob_matches_naive_float64():
+    rng = np.random.default_rng(1)
+    mean = rng.normal(size=(64, 6)).astype(np.float32)
+    std = rng.uniform(0.1, 2.0, size=(64, 6)).astype(np.float32)
+    action = np.tanh(mean + std * rng.normal(size=(64, 6))).clip(-0.995, 0.995).astype(np.float32)
+    ours = np.asarray(rj.tanh_normal_log_prob(action, mean, std))
+    np.testing.assert_allclose(ours, naive_tanh_normal_log_prob(action, mean, std), rtol=1e-4, atol=1e-3)
+
+
+def test_sampled_log_prob_equals_log_prob_of_the_sample():
+    rng = np.random.default_rng(2)
+    mean, std = rng.normal(size=(32, 3)), rng.uniform(0.2, 1.0, size=(32, 3))
+    noise = rng.normal(size=(32, 3))
+    action, log_prob = rj.sample_tanh_normal(jnp.asarray(mean), jnp.asarray(std), jnp.asarray(noise))
+    np.testing.assert_allclose(np.tanh(mean + std * noise), action, atol=1e-6)
+    np.testing.assert_allclose(log_prob, naive_tanh_normal_log_prob(action, mean, std), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("mean, std", [(0.0, 0.5), (0.7, 0.3), (-1.2, 1.0)])
+def test_tanh_normal_density_integrates_to_one_in_1d(mean, std):
+    grid = np.linspace(-1 + 1e-6, 1 - 1e-6, 400_001, dtype=np.float64)
+    log_prob = rj.tanh_normal_log_prob(jnp.asarray(grid[:, None], jnp.float32), jnp.float32(mean), jnp.float32(std))
+    assert abs(np.trapezoid(np.exp(np.asarray(log_prob, np.float64)), grid) - 1.0) < 2e-3
+
+
+# ------------------------------------------------------------------------ soft TD(lambda)
+
+
+def recursive_loop(reward, value, term, trunc, gamma, lmbda):
+    """SPEC section 7 as a plain Python loop."""
+    T, N = reward.shape
+    out = np.zeros((T, N))
+    for n in range(N):
+        following = value[T - 1, n]
+        for t in reversed(range(T)):
+            if term[t, n]:
+                g = reward[t, n]
+            elif trunc[t, n] or t == T - 1:
+                g = reward[t, n] + gamma * value[t, n]
+            else:
+                g = reward[t, n] + gamma * (lmbda * following + (1 - lmbda) * value[t, n])
+            out[t, n] = following = g
+    return out
+
+
+def lambda_mixture(reward, value, term, trunc, gamma, lmbda):
+    """The same targets as an explicit lambda-weighted mixture of n-step soft returns that
+    stop at the episode's end (or the rollout's end) -- a different computation."""
+    T, N = reward.shape
+    out = np.zeros((T, N))
+    for n_env in range(N):
+        for t in range(T):
+            horizon = T - t
+            for k in range(t, T):
+                if term[k, n_env] or trunc[k, n_env]:
+                    horizon = k - t + 1
+                    break
+
+            def n_step(n):
+                ret = sum(gamma**k * reward[t + k, n_env] for k in range(n))
+                last = t + n - 1
+                if not term[last, n_env]:
+                    ret += gamma**n * value[last, n_env]
+                return ret
+
+            weights = [(1 - lmbda) * lmbda ** (n - 1) for n in range(1, horizon)] + [lmbda ** (horizon - 1)]
+            out[t, n_env] = sum(w * n_step(n) for n, w in zip(range(1, horizon + 1), weights))
+    return out
+
+
+def random_rollout(seed, T=12, N=5):
+    rng = np.random.default_rng(seed)
+    reward = rng.normal(size=(T, N))
+    value = rng.normal(size=(T, N)) * 3
+    term = rng.random((T, N)) < 0.1
+    trunc = (rng.random((T, N)) < 0.1) & ~term
+    term[-1, 0], trunc[-1, 1], term[3, 2], trunc[3, 3] = True, True, True, True  # edge cases
+    trunc[-1, 0], term[-1, 1], trunc[3, 2], term[3, 3] = False, False, False, False
+    return reward, value, term, trunc
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lmbda", [0.0, 0.5, 0.95, 1.0])
+def test_soft_lambda_returns_matches_loop_and_mixture(seed, lmbda):
+    reward, value, term, trunc = random_rollout(seed)
+    ours = np.asarray(
+        rj.soft_lambda_returns(
+            jnp.asarray(reward, jnp.float32),
+            jnp.asarray(value, jnp.float32),
+            jnp.asarray(term, jnp.float32),
+            jnp.asarray(trunc, jnp.float32),
+            0.99,
+            lmbda,
+        )
+    )
+    np.testing.assert_allclose(ours, recursive_loop(reward, value, term, trunc, 0.99, lmbda), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(ours, lambda_mixture(reward, value, term, trunc, 0.99, lmbda), rtol=1e-5, atol=1e-4)
+
+
+def test_soft_lambda_returns_special_cases():
+    reward, value, term, trunc = random_rollout(7)
+    args = [jnp.asarray(x, jnp.float32) for x in (reward, value, term, trunc)]
+    one_step = np.where(term, reward, reward + 0.9 * value)
+    np.testing.assert_allclose(rj.soft_lambda_returns(*args, 0.9, 0.0), one_step, rtol=1e-5, atol=1e-5)
+    # lambda = 1: discounted Monte-Carlo returns to the episode's end, bootstrapped by v'
+    # only where the episode was cut (time limit or end of rollout).
+    T, N = reward.shape
+    mc = np.zeros((T, N))
+    for n in range(N):
+        for t in range(T):
+            ret, k = 0.0, t
+            while True:
+                ret += 0.9 ** (k - t) * reward[k, n]
+                if term[k, n]:
+                    break
+                if trunc[k, n] or k == T - 1:
+                    ret += 0.9 ** (k - t + 1) * value[k, n]
+                    break
+                k += 1
+            mc[t, n] = ret
+    np.testing.assert_allclose(rj.soft_lambda_returns(*args, 0.9, 1.0), mc, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- policy KL
+
+
+def test_policy_kl_is_zero_for_identical_policies():
+    rng = np.random.default_rng(3)
+    mean, std = jnp.asarray(rng.normal(size=(10, 4))), jnp.asarray(rng.uniform(0.2, 1, size=(10, 4)))
+    noise = jax.random.normal(jax.random.PRNGKey(0), (16, 10, 4))
+    np.testing.assert_allclose(rj.policy_kl(mean, std, mean, std, noise), 0.0, atol=1e-6)
+
+
+def test_policy_kl_converges_to_closed_form_gaussian_kl():
+    """KL is invariant under the (bijective) tanh, so KL(tanh-N0 || tanh-N1) = KL(N0 || N1)."""
+    m0, s0 = jnp.array([[0.2, -0.3, 0.1]]), jnp.array([[0.4, 0.5, 0.3]])
+    m1, s1 = jnp.array([[0.35, -0.1, 0.0]]), jnp.array([[0.5, 0.4, 0.35]])
+    closed = float(np.sum(np.log(s1 / s0) + (s0**2 + (m0 - m1) ** 2) / (2 * s1**2) - 0.5))
+    estimates = [
+        float(rj.policy_kl(m0, s0, m1, s1, jax.random.normal(jax.random.PRNGKey(1), (m, 1, 3)))[0])
+        for m in (16, 200_000)
+    ]
+    assert abs(estimates[1] - closed) < 0.02 * closed + 1e-3
+    assert abs(estimates[1] - closed) < abs(estimates[0] - closed) + 1e-3
+
+
+# ---------------------------------------------------------------------------- normaliser
+
+
+def test_normalizer_equals_numpy_over_concatenated_batches():
+    rng = np.random.default_rng(4)
+    batches = [rng.normal(loc=3.0, scale=2.0, size=(n, 7)) for n in (5, 100, 33, 1)]
+    state = rj.normalizer_init(7)
+    for batch in batches:
+        state = rj.normalizer_update(state, jnp.asarray(batch, jnp.float32))
+    everything = np.concatenate(batches)
+    np.testing.assert_allclose(state.mean, everything.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state.var, everything.var(0), rtol=1e-4)
+    assert float(state.count) == len(everything)
+    x = rng.normal(size=(3, 7))
+    expected = (x - everything.mean(0)) / np.sqrt(everything.var(0) + 1e-2)
+    np.testing.assert_allclose(rj.normalize(state, jnp.asarray(x, jnp.float32)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_normalizer_accepts_time_major_batches():
+    batch = np.random.default_rng(5).normal(size=(4, 6, 2))
+    state = rj.normalizer_update(rj.normalizer_init(2), jnp.asarray(batch, jnp.float32))
+    np.testing.assert_allclose(state.mean, batch.reshape(-1, 2).mean(0), atol=1e-5)
+    assert math.isclose(float(state.count), 24)
