@@ -304,7 +304,7 @@ class StepResult(NamedTuple):
     """What one vectorised step hands back (all shaped (N, ...))."""
 
     next_obs: jax.Array  # first obs of the next episode where one ended, else = final_obs
-    final_obs: jax.Array  # the TRUE observation after this action (IMPLEMENTATION DETAIL 5)
+    final_obs: jax.Array  # the TRUE observation after this action, even where one ended
     reward: jax.Array
     terminated: jax.Array  # a real terminal state: no bootstrap
     truncated: jax.Array  # time limit: bootstrap from final_obs
@@ -338,8 +338,9 @@ class AutoResetEnv:
         else:
             steps = jnp.zeros(self.num_envs, jnp.int32)
         zeros = jnp.zeros(self.num_envs)
-        # An episode whose counter starts late is cut short: it is not a complete episode
-        # and its return is not logged (from_reset is False until its first real reset).
+        # IMPLEMENTATION DETAIL 10: an episode whose counter starts late is cut short; it is
+        # not a complete episode, so its return is not logged in charts/episodic_return
+        # (from_reset stays False until the env's first real reset).
         from_reset = jnp.full(self.num_envs, not randomize_steps)
         return EnvState(physics, physics.obs, steps, zeros, zeros.astype(jnp.int32), from_reset)
 
@@ -350,6 +351,9 @@ class AutoResetEnv:
         step_count = state.step_count + 1
         truncated = (step_count >= self.episode_length) & ~terminated
         done = terminated | truncated
+        # IMPLEMENTATION DETAIL 5: the true final observation of an episode is kept (the
+        # stock Playground wrapper overwrites it with the next episode's first one), so a
+        # time-limit step bootstraps from its real next state instead of being masked out.
         # A diverged state has a NaN observation and reward; it is never bootstrapped from
         # (terminated), and zeroing it keeps NaN out of the networks and the statistics.
         final_obs = jnp.where(jnp.isfinite(stepped.obs), stepped.obs, 0.0)
@@ -882,8 +886,9 @@ def make_agent(args: Args, env) -> Agent:
         """collect -> update normaliser -> soft TD(lambda) targets -> epochs of minibatches."""
         key, key_collect, key_learn = jax.random.split(state.key, 3)
         env_state, rollout = collect_rollout(state, key_collect)
-        # SPEC 3: statistics updated after collection, before learning; the batch keeps
-        # the normalisation it was collected with (learner and behaviour policy agree).
+        # IMPLEMENTATION DETAIL 9: the statistics are updated after collection, before
+        # learning, and the batch keeps the normalisation it was collected with, so the
+        # learner sees exactly the inputs the behaviour policy saw (SPEC 3).
         normalizer = normalizer_update(state.normalizer, rollout.raw_obs)
         target_return = soft_lambda_returns(
             rollout.soft_reward, rollout.next_value, rollout.terminated, rollout.truncated, args.gamma, args.lmbda
