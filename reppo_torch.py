@@ -1,0 +1,1716 @@
+"""REPPO in one file: plain eager PyTorch on ManiSkill3 and MuJoCo Playground.
+
+Relative Entropy Pathwise Policy Optimization (Voelcker et al., ICLR 2026,
+https://arxiv.org/abs/2507.11019) is an *on-policy* actor-critic for continuous control.
+Like PPO it learns only from the latest rollout (no replay buffer); unlike PPO it does
+not use the high-variance score-function (likelihood-ratio) gradient. It learns an
+action-conditioned critic Q(s, a) from the rollout and improves the policy with
+*pathwise* gradients through Q, kept stable by a KL trust region and an entropy target,
+each enforced with a learned Lagrange multiplier.
+
+The algorithm at a glance (one call of ``Trainer.train_iteration``)::
+
+    for t in 0..T-1 (all N envs at once):                         # collect_rollout
+        a_t ~ pi(s_t), step the env, keep the TRUE final obs s'_t
+        a'_t ~ pi(s'_t);  v'_t = Q(s'_t, a'_t);  z'_t = features(s'_t, a'_t)
+        soft_reward_t = r_t - (1 - terminated_t) * gamma * alpha * log pi(a'_t | s'_t)
+    update the observation normaliser with the rollout              # normalizer_update
+    G = soft_lambda_returns(soft_reward, v', terminated, truncated) # soft TD(lambda)
+    pi_old <- pi
+    for epoch in 1..E, for minibatch in a fresh permutation:        # learn
+        critic step on critic_loss(...)   (HL-Gauss cross-entropy to G + auxiliary loss)
+        actor step  on actor_loss(...)    (pathwise, KL-clipped; alpha and beta losses)
+
+Run it::
+
+    python reppo_torch.py --env-id CartpoleBalance --preset cpu --total-timesteps 500000
+    python reppo_torch.py --env-id PickCube-v1              # ManiSkill3 (GPU sim if CUDA, else 1 CPU env)
+    python reppo_torch.py --help                            # every flag
+
+Sections (the same, in the same order, as in ``reppo_jax.py``):
+    1. Args   2. Environment   3. Math   4. Networks   5. Losses
+    6. Collect / Learn / Evaluate   7. Logging & checkpoints   8. main
+
+The contract for every line is ``SPEC.md`` of this project; ``docs/reppo.md`` explains
+each equation and each ``IMPLEMENTATION DETAIL n`` tag below (the numbers are the same as
+in ``reppo_jax.py``). Notes for readers who know ``reppo_jax.py``: where JAX threads an
+explicit random key, this file draws from one ``torch.Generator`` per seed; where JAX
+fuses a whole iteration into one compiled ``lax.scan``, this file runs an ordinary Python
+loop over pre-allocated tensors; the MuJoCo Playground physics still runs in JAX (it is
+written in JAX) and its arrays cross to PyTorch without a copy through DLPack.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from torch import nn
+
+# ======================================================================================
+# 1. Args
+# ======================================================================================
+
+
+@dataclass
+class Args:
+    """REPPO hyperparameters. Defaults are the paper's DM Control "small data" setting
+    (SPEC section 11); ``--preset cpu`` swaps in a setting that learns on a laptop CPU."""
+
+    # --- experiment -------------------------------------------------------------------
+    exp_name: str = "reppo_torch"
+    """name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment; with --num-seeds K the seeds are seed, seed+1, ..., seed+K-1"""
+    num_seeds: int = 1
+    """number of independent seeds, trained one after another (one run folder each)"""
+    preset: Literal["paper", "cpu"] = "paper"
+    """'paper': SPEC defaults (1024 envs, hidden 512); 'cpu': 64 envs, 4 minibatches, hidden 256"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "reppo"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team or user); None uses your default entity"""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """'offline' writes the wandb run locally (sync it later with `wandb sync`)"""
+    save_model: bool = False
+    """write runs/{run_name}/checkpoint.pt at every log point and at the end"""
+    checkpoint: str | None = None
+    """path of a checkpoint to evaluate (with --eval-only)"""
+    eval_only: bool = False
+    """only evaluate --checkpoint, do not train"""
+    resume: str | None = None
+    """path of a checkpoint to continue training from (its run folder and arguments are reused;
+    --total-timesteps given on the command line may extend the run)"""
+    runs_dir: str = "runs"
+    """folder under which each run writes runs_dir/{run_name}/"""
+    progress: bool = True
+    """show a progress bar on stderr"""
+
+    # --- environment ------------------------------------------------------------------
+    env_id: str = "CheetahRun"
+    """MuJoCo Playground DM Control task (CheetahRun, CartpoleBalance, ...) or ManiSkill3 task
+    (PickCube-v1, PushCube-v1, ...)"""
+    impl: Literal["auto", "jax", "warp"] = "auto"
+    """MuJoCo engine of Playground tasks; 'auto' picks 'jax' (MJX), see make_playground_env"""
+    episode_length: int | None = None
+    """time limit of an episode; None takes the suite's (1000 for DM Control, the task's for ManiSkill)"""
+    num_eval_envs: int = 16
+    """number of evaluation episodes (one per separate evaluation env)"""
+    control_mode: str = "pd_joint_delta_pos"
+    """ManiSkill3 controller (the authors' choice); ignored for Playground tasks"""
+
+    # --- collection -------------------------------------------------------------------
+    total_timesteps: int = 50_000_000
+    """total environment steps of training (summed over envs, per seed)"""
+    num_envs: int = 1024
+    """number of parallel environments (ManiSkill without CUDA: always 1, the CPU simulator's limit)"""
+    num_steps: int = 32
+    """rollout length per env per iteration (T)"""
+    gamma: float | None = None
+    """discount factor; None takes the suite's (0.99 for DM Control, 1 - 10/episode_length for ManiSkill)"""
+    lmbda: float = 0.95
+    """lambda of the soft TD(lambda) targets"""
+
+    # --- critic -----------------------------------------------------------------------
+    critic_hidden: int = 512
+    """width of the critic"""
+    num_bins: int = 151
+    """number of bins of the categorical (HL-Gauss) critic"""
+    vmin: float | None = None
+    """lowest value of the critic's support; None takes the suite's (0 DM Control, -15 ManiSkill)"""
+    vmax: float | None = None
+    """highest value of the critic's support; None takes the suite's (150 DM Control, 15 ManiSkill)"""
+    aux_coef: float = 1.0
+    """weight of the auxiliary (reward and next-feature prediction) loss"""
+    num_value_samples: int = 1
+    """K, the number of next actions a' averaged in the next-state value estimate"""
+
+    # --- actor, KL and entropy ----------------------------------------------------------
+    actor_hidden: int = 512
+    """width of the actor"""
+    min_std: float = 0.1
+    """floor added to the policy's standard deviation"""
+    kl_bound: float = 0.1
+    """trust region: largest KL(pi_old || pi) per state before the KL penalty takes over"""
+    kl_start: float = 0.01
+    """initial value of the KL Lagrange multiplier beta"""
+    num_kl_samples: int = 16
+    """M, Monte Carlo samples of the KL estimate per state"""
+    ent_start: float = 0.01
+    """initial value of the entropy temperature alpha"""
+    ent_target_mult: float = 0.5
+    """entropy target is -ent_target_mult * action_size"""
+
+    # --- optimisation -----------------------------------------------------------------
+    learning_rate: float = 3e-4
+    """Adam learning rate of actor and critic"""
+    max_grad_norm: float = 0.5
+    """global-norm gradient clipping"""
+    num_mini_batches: int = 16
+    """minibatches per epoch"""
+    num_epochs: int = 8
+    """passes over the rollout per iteration"""
+
+    # --- PyTorch speed switches (never change the math) --------------------------------
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where the networks live; 'auto' is CUDA when available"""
+    compile: bool = False
+    """torch.compile the two losses (their forward and backward graphs)"""
+    fused_adam: bool = False
+    """CUDA only: Adam's fused kernel (the same update rule in one kernel launch)"""
+
+    # --- logging ----------------------------------------------------------------------
+    log_interval: int = 10
+    """training iterations between logging, evaluation and checkpointing"""
+
+
+# `--preset cpu`: the issue's CPU setting (64 envs x 32 steps, 4 minibatches, 8 epochs,
+# hidden 256); everything else as SPEC section 11. The same table as reppo_jax.py.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "cpu": {
+        "num_envs": 64,
+        "num_mini_batches": 4,
+        "actor_hidden": 256,
+        "critic_hidden": 256,
+        "log_interval": 20,
+    },
+}
+
+# Per-suite defaults (SPEC section 11) for fields left at None. ManiSkill's gamma and
+# episode length depend on the task and are filled in resolve_args.
+DM_CONTROL_DEFAULTS = {"vmin": 0.0, "vmax": 150.0, "gamma": 0.99, "episode_length": 1000}
+MANISKILL_DEFAULTS = {"vmin": -15.0, "vmax": 15.0}
+
+
+class UserError(Exception):
+    """Bad input from the command line: printed as one clear message, exit code 2."""
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Parse the command line with tyro; ``--preset`` changes the defaults shown and used,
+    explicit flags always win over the preset."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = "paper"
+    for i, token in enumerate(argv):
+        if token == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif token.startswith("--preset="):
+            preset = token.split("=", 1)[1]
+    overrides = PRESETS.get(preset, {})  # an unknown preset is reported by tyro itself
+    default = dataclasses.replace(Args(), **overrides)
+    return tyro.cli(Args, default=default, args=argv, description=__doc__.split("\n\n")[0])
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill suite defaults and check derived sizes, with a clear message on bad input."""
+    suite = env_suite(args.env_id)  # raises UserError listing the valid ids
+    if suite == "dm_control":
+        filled = {k: v for k, v in DM_CONTROL_DEFAULTS.items() if getattr(args, k) is None}
+    else:
+        check_maniskill_assets(args.env_id)
+        filled = {k: v for k, v in MANISKILL_DEFAULTS.items() if getattr(args, k) is None}
+        if args.episode_length is None:
+            filled["episode_length"] = maniskill_episode_length(args.env_id)
+        if args.gamma is None:
+            # The authors' discount for short manipulation episodes: an effective horizon
+            # of about episode_length / 10 steps (gamma = 0.8 for 50-step episodes).
+            filled["gamma"] = 1.0 - 10.0 / (args.episode_length or filled["episode_length"])
+    args = dataclasses.replace(args, **filled)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch finds no CUDA device")
+    if suite == "maniskill" and torch_device(args).type != "cuda" and args.num_envs != 1:
+        # physx_cpu simulates exactly one env per process (measured; see .ci/maniskill_notes.md).
+        args = dataclasses.replace(args, num_envs=1)
+    batch_size = args.num_envs * args.num_steps
+    positive = ["num_envs", "num_steps", "num_mini_batches", "num_epochs", "num_seeds"]
+    positive += ["num_eval_envs", "num_value_samples", "num_kl_samples", "log_interval"]
+    for name in positive + ["episode_length", "actor_hidden", "critic_hidden"]:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if batch_size % args.num_mini_batches != 0:
+        raise UserError(
+            f"num_envs * num_steps = {args.num_envs} * {args.num_steps} = {batch_size} "
+            f"is not divisible by --num-mini-batches {args.num_mini_batches}"
+        )
+    if args.total_timesteps < batch_size:
+        raise UserError(
+            f"--total-timesteps {args.total_timesteps} is smaller than one iteration "
+            f"(num_envs * num_steps = {batch_size})"
+        )
+    if not args.vmin < args.vmax or args.num_bins < 2:
+        raise UserError(f"need vmin < vmax and num_bins >= 2, got {args.vmin}, {args.vmax}, {args.num_bins}")
+    return args
+
+
+def torch_device(args: Args) -> torch.device:
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+# ======================================================================================
+# 2. Environment
+# ======================================================================================
+# Both env families are wrapped into the same small interface, all tensors on the
+# training device:  reset(randomize_steps) -> obs (N, O);  step(action (N, A)) -> StepResult.
+
+
+class StepResult(NamedTuple):
+    """What one vectorised step hands back (all shaped (N, ...), torch tensors)."""
+
+    next_obs: torch.Tensor  # first obs of the next episode where one ended, else = final_obs
+    final_obs: torch.Tensor  # the TRUE observation after this action, even where one ended
+    reward: torch.Tensor
+    terminated: torch.Tensor  # float 0/1: a real terminal state, no bootstrap
+    truncated: torch.Tensor  # float 0/1: time limit, bootstrap from final_obs
+    episode_done: torch.Tensor  # bool: a complete episode (started from a reset) ended here
+    episode_return: torch.Tensor  # its return (valid where episode_done)
+    episode_length: torch.Tensor  # its length (valid where episode_done)
+    success_once: torch.Tensor  # ManiSkill: success at any step of that episode (else zeros)
+    success_at_end: torch.Tensor  # ManiSkill: success at its last step (else zeros)
+
+
+# --- which suite an --env-id belongs to -----------------------------------------------
+
+
+def _dm_control_envs() -> tuple[str, ...]:
+    from mujoco_playground import registry
+
+    return tuple(registry.dm_control_suite.ALL_ENVS)
+
+
+def _maniskill_envs() -> tuple[str, ...]:
+    """ManiSkill3's registered task ids (empty when mani_skill is not installed)."""
+    try:
+        import mani_skill.envs  # noqa: F401  (the import registers the tasks)
+        from mani_skill.utils.registration import REGISTERED_ENVS
+    except ImportError:
+        return ()
+    return tuple(REGISTERED_ENVS)
+
+
+def env_suite(env_id: str) -> Literal["dm_control", "maniskill"]:
+    """'dm_control' (MuJoCo Playground via the JAX bridge) or 'maniskill'; UserError otherwise."""
+    if "-v" not in env_id and env_id in _dm_control_envs():
+        return "dm_control"
+    if "-v" in env_id and env_id in _maniskill_envs():
+        return "maniskill"
+    raise UserError(unsupported_env_message(env_id))
+
+
+def unsupported_env_message(env_id: str) -> str:
+    from mujoco_playground import registry
+
+    dm_control = ", ".join(sorted(_dm_control_envs()))
+    maniskill = ", ".join(sorted(_maniskill_envs())) or "(not installed: pip install mani_skill==3.0.1)"
+    if env_id in registry.ALL_ENVS:
+        return (
+            f"'{env_id}' is a MuJoCo Playground locomotion/manipulation task. This file supports "
+            f"the DM Control suite only; those tasks also need their robot assets (MuJoCo "
+            f"Menagerie) downloaded from the internet on first use. DM Control tasks: {dm_control}"
+        )
+    return f"unknown --env-id '{env_id}'. Valid DM Control tasks: {dm_control}. Valid ManiSkill3 tasks: {maniskill}"
+
+
+# --- MuJoCo Playground through a zero-copy JAX <-> PyTorch bridge ----------------------
+
+
+def make_playground_env(env_id: str, impl: str, episode_length: int):
+    """Load a Playground DM Control task with an explicit physics engine.
+
+    Playground's DM Control tasks default to ``impl="warp"`` (MuJoCo Warp). We pick
+    ``impl="jax"`` (MJX written in JAX) for 'auto', as reppo_jax.py does: it is 10-100x faster
+    than warp on a CPU and it is the engine behind the paper's runs.
+    """
+    from mujoco_playground import registry
+
+    engine = "jax" if impl == "auto" else impl
+    try:
+        return registry.load(env_id, config_overrides={"impl": engine, "episode_length": episode_length})
+    except Exception as error:  # Playground raises many kinds; the user needs one message
+        raise UserError(f"could not load '{env_id}' with impl='{engine}': {error}") from error
+
+
+def make_jax_auto_reset(env, num_envs: int, episode_length: int):
+    """The JAX side of the bridge: N auto-resetting copies of a Playground env that keep the
+    true final observation -- the same semantics as ``AutoResetEnv`` in reppo_jax.py,
+    written again here so that this file imports nothing from its twin.
+
+    Returns a jitted ``reset(key, randomize_steps) -> carry`` and a plain (to be jitted by
+    the caller) ``step(carry, action) -> (carry, outputs)``; ``carry`` is a tuple (a JAX pytree) of
+    (physics state, obs, step_count, episode_return, episode_length, from_reset, key)
+    and never leaves JAX; ``outputs`` are the arrays handed to PyTorch.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def reset(key, randomize_steps: bool):
+        key, key_reset, key_steps = jax.random.split(key, 3)
+        physics = jax.vmap(env.reset)(jax.random.split(key_reset, num_envs))
+        # IMPLEMENTATION DETAIL 4: random initial step counters in [0, episode_length),
+        # so that the N envs do not all hit the time limit (and reset) on the same step.
+        if randomize_steps:
+            steps = jax.random.randint(key_steps, (num_envs,), 0, episode_length)
+        else:
+            steps = jnp.zeros(num_envs, jnp.int32)
+        zeros = jnp.zeros(num_envs)
+        # IMPLEMENTATION DETAIL 10: an episode whose counter starts late is cut short; it is
+        # not a complete episode, so its return is not logged in charts/episodic_return
+        # (from_reset stays False until the env's first real reset).
+        from_reset = jnp.full(num_envs, not randomize_steps)
+        return (physics, physics.obs, steps, zeros, zeros.astype(jnp.int32), from_reset, key)
+
+    def step(carry, action):
+        physics, _, step_count, episode_return, episode_length_so_far, from_reset, key = carry
+        key, key_reset = jax.random.split(key)
+        stepped = jax.vmap(env.step)(physics, action)
+        # DM Control tasks only "terminate" when the physics diverges (NaN state).
+        terminated = stepped.done > 0
+        step_count = step_count + 1
+        truncated = (step_count >= episode_length) & ~terminated
+        done = terminated | truncated
+        # IMPLEMENTATION DETAIL 5: the true final observation of an episode is kept (the
+        # stock Playground wrapper overwrites it with the next episode's first one), so a
+        # time-limit step bootstraps from its real next state instead of being masked out.
+        # A diverged state has a NaN observation and reward; it is never bootstrapped from
+        # (terminated), and zeroing it keeps NaN out of the networks and the statistics.
+        final_obs = jnp.where(jnp.isfinite(stepped.obs), stepped.obs, 0.0)
+        reward = jnp.where(jnp.isfinite(stepped.reward), stepped.reward, 0.0)
+        episode_return = episode_return + reward
+        episode_length_so_far = episode_length_so_far + 1
+
+        def reset_done(_):
+            fresh = jax.vmap(env.reset)(jax.random.split(key_reset, num_envs))
+
+            def pick(new, old):
+                mask = done.reshape(done.shape + (1,) * (old.ndim - 1))
+                return jnp.where(mask, new, old)
+
+            return jax.tree.map(pick, fresh, stepped)
+
+        # Full resets with fresh keys, computed only on steps where some env finished.
+        physics = jax.lax.cond(done.any(), reset_done, lambda _: stepped, None)
+        outputs = (
+            physics.obs,
+            final_obs,
+            reward,
+            terminated.astype(jnp.float32),
+            truncated.astype(jnp.float32),
+            (done & from_reset).astype(jnp.float32),
+            episode_return,
+            episode_length_so_far.astype(jnp.float32),
+        )
+        carry = (
+            physics,
+            physics.obs,
+            jnp.where(done, 0, step_count),
+            jnp.where(done, 0.0, episode_return),
+            jnp.where(done, 0, episode_length_so_far),
+            from_reset | done,
+            key,
+        )
+        return carry, outputs
+
+    return jax.jit(reset, static_argnames="randomize_steps"), step
+
+
+def jax_to_torch(array, device: torch.device) -> torch.Tensor:
+    """Zero-copy view of a JAX array as a torch tensor (DLPack); copied only to change device."""
+    return torch.from_dlpack(array).to(device)
+
+
+def torch_to_jax(tensor: torch.Tensor):
+    """Zero-copy view of a (CPU) torch tensor as a JAX array (DLPack)."""
+    import jax.numpy as jnp
+
+    return jnp.from_dlpack(tensor.detach().to("cpu").contiguous())
+
+
+class PlaygroundEnv:
+    """N Playground envs stepped in JAX, seen from PyTorch. The physics state, the step
+    counters and the JAX random key stay on the JAX side (``self.carry``); each step sends
+    the action over and gets the StepResult back, both through DLPack."""
+
+    suite = "dm_control"
+
+    def __init__(self, env, num_envs: int, episode_length: int, seed: int, device: torch.device):
+        import jax
+
+        self.num_envs = num_envs
+        self.device = device
+        self.obs_size = int(env.observation_size)
+        self.action_size = int(env.action_size)
+        self._reset, self._step = make_jax_auto_reset(env, num_envs, episode_length)
+        self.key = jax.random.PRNGKey(seed)
+        self.carry = None
+        # The carry crosses the jit boundary as a flat list of arrays (MJX's state holds
+        # static metadata that we need not hand to jit on every call).
+        self._carry_treedef = None
+
+        def step_leaves(leaves, action):
+            carry, outputs = self._step(jax.tree.unflatten(self._carry_treedef, leaves), action)
+            return jax.tree.leaves(carry), outputs
+
+        self._step_leaves = jax.jit(step_leaves)
+
+    def reset(self, randomize_steps: bool, key=None) -> torch.Tensor:
+        """Reset every env (with ``key``, or the next key of this env's own stream)."""
+        import jax
+
+        if key is None:
+            self.key, key = jax.random.split(self.key)
+        carry = self._reset(key, randomize_steps=randomize_steps)
+        if self._carry_treedef is None:
+            self._carry_treedef = jax.tree.structure(carry)
+        # Committed to the device like step()'s outputs, which jit would otherwise tell
+        # apart from reset()'s (uncommitted) ones and compile step() for each.
+        self.carry = jax.device_put(jax.tree.leaves(carry), jax.devices()[0])
+        return jax_to_torch(jax.tree.unflatten(self._carry_treedef, self.carry)[1], self.device)
+
+    def step(self, action: torch.Tensor) -> StepResult:
+        self.carry, outputs = self._step_leaves(self.carry, torch_to_jax(action))
+        tensors = [jax_to_torch(x, self.device) for x in outputs]
+        zeros = torch.zeros_like(tensors[2])
+        return StepResult(*tensors[:5], tensors[5] > 0, tensors[6], tensors[7], zeros, zeros)
+
+    # The JAX-side state is part of a checkpoint, so that a resumed run continues exactly.
+    def get_state(self) -> dict:
+        leaves = [np.asarray(leaf) for leaf in list(self.carry) + [self.key]]
+        return {"leaves": [_array_to_tensor(leaf) for leaf in leaves], "dtypes": [str(a.dtype) for a in leaves]}
+
+    def set_state(self, saved: dict) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        leaves = [jnp.asarray(_tensor_to_array(t, d)) for t, d in zip(saved["leaves"], saved["dtypes"])]
+        if len(leaves) != len(self.carry) + 1:
+            raise UserError(f"checkpoint env state has {len(leaves)} arrays, this env needs {len(self.carry) + 1}")
+        self.carry, self.key = jax.device_put(leaves[:-1], jax.devices()[0]), leaves[-1]
+
+
+def _array_to_tensor(array: np.ndarray) -> torch.Tensor:
+    # torch has no general uint32 support; JAX random keys are uint32, stored bit-for-bit as int32.
+    return torch.from_numpy(array.view(np.int32) if array.dtype == np.uint32 else array.copy())
+
+
+def _tensor_to_array(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    return tensor.numpy().view(np.dtype(dtype))
+
+
+# --- ManiSkill3 ------------------------------------------------------------------------
+
+
+def maniskill_episode_length(env_id: str) -> int:
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    return int(REGISTERED_ENVS[env_id].max_episode_steps)
+
+
+def missing_maniskill_assets(env_id: str) -> list[str]:
+    """Asset ids a ManiSkill task needs that are not on disk. Checked before ``gym.make``,
+    which would otherwise ask an interactive (y|n) question, or exit with status 0 on 'n'.
+    An empty asset folder (left by a failed download) counts as missing."""
+    from mani_skill.utils import assets
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    missing = []
+    for asset_id in REGISTERED_ENVS[env_id].asset_download_ids or []:
+        if asset_id in assets.DATA_GROUPS:
+            source_ids = assets.expand_data_group_into_individual_data_source_ids(asset_id)
+        else:
+            source_ids = [asset_id]
+        for source_id in source_ids:
+            source = assets.DATA_SOURCES[source_id]
+            path = source.output_dir / source.target_path
+            if not (path.exists() and (path.is_file() or any(path.iterdir()))):
+                missing.append(source_id)
+    return missing
+
+
+def check_maniskill_assets(env_id: str) -> None:
+    missing = missing_maniskill_assets(env_id)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(
+            f"ManiSkill task '{env_id}' needs assets that are not downloaded: {shown}. Download them "
+            f"first with `python -m mani_skill.utils.download_asset {env_id}` (needs internet; they go "
+            f"to $MS_ASSET_DIR, default ~/.maniskill/data), or pick a task without assets "
+            f"such as PickCube-v1 or PushCube-v1."
+        )
+
+
+class ManiSkillEnv:
+    """N ManiSkill3 envs (state observations) with partial resets that hand back the true
+    final observation, in ManiSkill's own vector wrapper:
+    ``ManiSkillVectorEnv(auto_reset=True, ignore_terminations=True, record_metrics=True)``.
+    ``ignore_terminations``: success does not end an episode, only the time limit does
+    (SPEC section 11), so every done step is a truncation (bootstrapped)."""
+
+    suite = "maniskill"
+
+    def __init__(self, args: Args, num_envs: int, seed: int, device: torch.device):
+        import gymnasium as gym
+        import mani_skill.envs  # noqa: F401  (registers the tasks)
+        from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+
+        self.sim_backend = "physx_cuda" if device.type == "cuda" else "physx_cpu"
+        env = gym.make(
+            args.env_id,
+            num_envs=num_envs,
+            obs_mode="state",
+            control_mode=args.control_mode,
+            sim_backend=self.sim_backend,
+            max_episode_steps=args.episode_length,
+            render_mode=None,
+        )
+        self.env = ManiSkillVectorEnv(env, auto_reset=True, ignore_terminations=True, record_metrics=True)
+        self.base = self.env.unwrapped
+        self.num_envs = num_envs
+        self.device = device
+        self.episode_length = args.episode_length
+        self.obs_size = int(self.env.single_observation_space.shape[0])
+        self.action_size = int(self.env.single_action_space.shape[0])
+        self.seed = seed
+        self.resets = 0  # number of full resets so far (each gets a fresh seed)
+        self.from_reset = torch.zeros(num_envs, dtype=torch.bool, device=device)
+        self.obs = None
+
+    def reset(self, randomize_steps: bool, key: int | None = None) -> torch.Tensor:
+        # Fresh seeds for every full reset: seed * 1_000_003 + counter (or an explicit one).
+        seed = key if key is not None else self.seed * 1_000_003 + self.resets
+        self.resets += 1
+        obs, _ = self.env.reset(seed=seed)
+        if randomize_steps:
+            # IMPLEMENTATION DETAIL 4: random initial step counters in [0, episode_length).
+            # ManiSkill's time limit reads the base env's elapsed-step counter, so we set it.
+            generator = torch.Generator().manual_seed(seed)
+            steps = torch.randint(0, self.episode_length, (self.num_envs,), generator=generator)
+            self.base._elapsed_steps[:] = steps.to(self.base._elapsed_steps.device)
+        # IMPLEMENTATION DETAIL 10: shortened first episodes are not logged.
+        self.from_reset = torch.full((self.num_envs,), not randomize_steps, device=self.device)
+        self.obs = obs.to(self.device, torch.float32)
+        return self.obs
+
+    def step(self, action: torch.Tensor) -> StepResult:
+        obs, reward, _, truncated, info = self.env.step(action.to(self.base.device))
+        done = truncated.to(self.device).bool()
+        if "final_observation" in info:
+            # IMPLEMENTATION DETAIL 5: the wrapper already reset the finished envs; their
+            # true last observation is in info["final_observation"] (all N rows, taken
+            # before the partial reset, so the unfinished rows equal obs).
+            final_obs = info["final_observation"]
+            episode = info["final_info"]["episode"]
+        else:
+            final_obs = obs
+            episode = info["episode"]
+        n = self.num_envs
+        zeros = torch.zeros(n, device=self.device)
+
+        def field(name):
+            return episode[name].to(self.device).float().reshape(n) if name in episode else zeros
+
+        result = StepResult(
+            next_obs=obs.to(self.device, torch.float32),
+            final_obs=final_obs.to(self.device, torch.float32),
+            reward=reward.to(self.device, torch.float32).reshape(n),
+            terminated=zeros,  # episodes end only by the time limit (ignore_terminations)
+            truncated=done.float(),
+            episode_done=done & self.from_reset,
+            episode_return=field("return"),
+            episode_length=field("episode_len"),
+            success_once=field("success_once"),
+            success_at_end=field("success_at_end"),
+        )
+        self.from_reset = self.from_reset | done
+        self.obs = result.next_obs
+        return result
+
+    def get_state(self) -> dict:
+        # The simulator state is not checkpointed: a resumed ManiSkill run restarts its
+        # episodes (the networks, optimisers, normaliser and RNG continue exactly).
+        return {"resets": self.resets}
+
+    def set_state(self, saved: dict) -> None:
+        self.resets = int(saved.get("resets", 0)) + 1
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def make_env(args: Args, num_envs: int, seed: int, device: torch.device):
+    """A PlaygroundEnv or a ManiSkillEnv with ``num_envs`` envs."""
+    if env_suite(args.env_id) == "dm_control":
+        env = make_playground_env(args.env_id, args.impl, args.episode_length)
+        return PlaygroundEnv(env, num_envs, args.episode_length, seed, device)
+    return ManiSkillEnv(args, num_envs, seed, device)
+
+
+# ======================================================================================
+# 3. Math
+# ======================================================================================
+
+# IMPLEMENTATION DETAIL 7: actions fed to a log-probability are clipped to +-(1 - 1e-6)
+# so that atanh stays finite (tanh(u) rounds to exactly 1 in float32 for |u| > ~9).
+LOG_PROB_CLIP = 1.0 - 1e-6
+# The KL estimate clips its samples harder, to +-(1 - 1e-4) (SPEC section 8).
+KL_SAMPLE_CLIP = 1.0 - 1e-4
+# IMPLEMENTATION DETAIL 3: actions sent to the environment are clipped to +-0.999.
+ACTION_CLIP = 0.999
+# Floor of the variance in the observation normaliser (the paper code's constant).
+NORMALIZER_EPS = 1e-2
+
+
+def hl_gauss(values: torch.Tensor, num_bins: int, vmin: float, vmax: float) -> torch.Tensor:
+    """HL-Gauss categorical target of a scalar (SPEC section 4; Imani & White 2018).
+
+    The target is a Gaussian N(x, sigma^2), sigma = 0.75 * bin width, integrated over
+    each bin of the support:  p_i = Phi((e_{i+1} - x)/sigma) - Phi((e_i - x)/sigma),
+    with bin edges e = linspace(vmin - w/2, vmax + w/2, num_bins + 1), then renormalised.
+    ``values`` of any shape -> probabilities of shape ``values.shape + (num_bins,)``.
+    """
+    values = torch.as_tensor(values, dtype=torch.float32)
+    width = (vmax - vmin) / (num_bins - 1)
+    sigma = 0.75 * width
+    edges = torch.linspace(vmin - width / 2, vmax + width / 2, num_bins + 1, device=values.device)
+    x = values.clamp(vmin, vmax).unsqueeze(-1)
+    cdf = 0.5 * (1.0 + torch.special.erf((edges - x) / (sigma * math.sqrt(2.0))))  # (..., num_bins + 1)
+    probs = cdf[..., 1:] - cdf[..., :-1]
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def tanh_normal_log_prob_from_pre_tanh(pre_tanh: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s) of a = tanh(u), u ~ N(mean, std), given u (SPEC section 5).
+
+    log pi(a|s) = sum_d [ log N(u_d; mean_d, std_d) - log(1 - tanh(u_d)^2) ],
+    with the stable form log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)).
+    Written by hand (no torch.distributions) so that both files compute the same numbers.
+    """
+    z = (pre_tanh - mean) / std
+    log_normal = -0.5 * z**2 - torch.log(std) - 0.5 * math.log(2.0 * math.pi)
+    log_det_jacobian = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (log_normal - log_det_jacobian).sum(dim=-1)
+
+
+def tanh_normal_log_prob(action: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log pi(action|s) of the tanh-Gaussian policy, summed over the last (action) axis."""
+    pre_tanh = torch.atanh(action.clamp(-LOG_PROB_CLIP, LOG_PROB_CLIP))
+    return tanh_normal_log_prob_from_pre_tanh(pre_tanh, mean, std)
+
+
+def sample_tanh_normal(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised sample a = tanh(mean + std * noise) and its log-probability.
+
+    ``noise`` is standard normal, drawn by the caller (so gradients flow to mean and std:
+    the reparameterisation trick). The log-probability is computed from the pre-tanh value
+    u, which equals ``tanh_normal_log_prob(a, ...)`` without the atanh round trip.
+    """
+    pre_tanh = mean + std * noise
+    return torch.tanh(pre_tanh), tanh_normal_log_prob_from_pre_tanh(pre_tanh, mean, std)
+
+
+def soft_lambda_returns(
+    soft_reward: torch.Tensor,
+    next_value: torch.Tensor,
+    terminated: torch.Tensor,
+    truncated: torch.Tensor,
+    gamma: float,
+    lmbda: float,
+) -> torch.Tensor:
+    """Soft TD(lambda) targets, backwards in time (SPEC section 7). Inputs (T, N).
+
+        G_t = r~_t                                        if terminated_t
+        G_t = r~_t + gamma * v'_t                         if truncated_t or t = T-1
+        G_t = r~_t + gamma * (lmbda G_{t+1} + (1 - lmbda) v'_t)   otherwise
+
+    A lambda-mixture of n-step soft returns that never crosses an episode boundary and
+    always ends with a bootstrap v' (seeded with G_T := v'_{T-1}). The loop is over T
+    (e.g. 32) time steps only; every step works on all N envs at once.
+    """
+    terminated, truncated = terminated.bool(), truncated.bool()
+    returns = torch.empty_like(soft_reward)
+    next_return = next_value[-1]
+    for t in reversed(range(soft_reward.shape[0])):
+        reward, value = soft_reward[t], next_value[t]
+        one_step = reward + gamma * value
+        mixed = reward + gamma * (lmbda * next_return + (1.0 - lmbda) * value)
+        next_return = torch.where(terminated[t], reward, torch.where(truncated[t], one_step, mixed))
+        returns[t] = next_return
+    return returns
+
+
+def policy_kl(
+    old_mean: torch.Tensor, old_std: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Monte Carlo forward KL(pi_old || pi) per state (SPEC section 8).
+
+    KL ~= 1/M sum_m [ log pi_old(a_m|s) - log pi(a_m|s) ],  a_m = clip(tanh(u_m), +-(1-1e-4)),
+    u_m = old_mean + old_std * noise_m. Both log-probabilities are evaluated at the *same*
+    clipped sample. ``noise`` is (M, ..., A) standard normal; returns shape (...).
+    """
+    samples = torch.tanh(old_mean + old_std * noise).clamp(-KL_SAMPLE_CLIP, KL_SAMPLE_CLIP)  # (M, ..., A)
+    log_ratio = tanh_normal_log_prob(samples, old_mean, old_std) - tanh_normal_log_prob(samples, mean, std)
+    return log_ratio.mean(dim=0)
+
+
+class NormalizerState(NamedTuple):
+    """Running mean/variance of observations (SPEC section 3)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: torch.Tensor
+
+
+def normalizer_init(size: int, device: torch.device | str = "cpu") -> NormalizerState:
+    return NormalizerState(
+        torch.zeros(size, device=device), torch.ones(size, device=device), torch.zeros((), device=device)
+    )
+
+
+def normalizer_update(state: NormalizerState, batch: torch.Tensor) -> NormalizerState:
+    """Merge a batch (..., size) into the statistics with Chan's parallel update:
+
+    delta = mean_b - mean,  n = count + count_b,  mean' = mean + delta * count_b / n,
+    var' = (var * count + var_b * count_b + delta^2 * count * count_b / n) / n.
+    """
+    batch = batch.reshape(-1, batch.shape[-1])
+    batch_count = batch.shape[0]
+    batch_mean, batch_var = batch.mean(dim=0), batch.var(dim=0, unbiased=False)
+    delta = batch_mean - state.mean
+    total = state.count + batch_count
+    mean = state.mean + delta * batch_count / total
+    m2 = state.var * state.count + batch_var * batch_count + delta**2 * state.count * batch_count / total
+    return NormalizerState(mean, m2 / total, total)
+
+
+def normalize(state: NormalizerState, obs: torch.Tensor) -> torch.Tensor:
+    """(obs - mean) / sqrt(var + 1e-2)."""
+    return (obs - state.mean) / torch.sqrt(state.var + NORMALIZER_EPS)
+
+
+# ======================================================================================
+# 4. Networks
+# ======================================================================================
+# Init family (both files): Linear weights LeCun-normal as in Flax -- a normal truncated
+# at +-2 standard deviations, rescaled so that the *truncated* distribution has variance
+# 1/fan_in -- biases zero; RMSNorm scale one, epsilon 1e-6. PyTorch's own default
+# (Kaiming-uniform) would differ, so we re-initialise every Linear.
+
+RMS_NORM_EPS = 1e-6
+# Standard deviation of a standard normal truncated to (-2, 2): Flax divides by it.
+TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
+def lecun_normal_(linear: nn.Linear) -> nn.Linear:
+    fan_in = linear.weight.shape[1]  # torch stores weights as (out, in)
+    std = 1.0 / math.sqrt(fan_in) / TRUNCATED_NORMAL_STD
+    nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+class NormedLinear(nn.Module):
+    """Linear -> RMSNorm -> SiLU, the building block of both networks."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = lecun_normal_(nn.Linear(in_features, out_features))
+        self.norm = nn.RMSNorm(out_features, eps=RMS_NORM_EPS)  # learnable scale, init one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.norm(self.linear(x)))
+
+
+class Actor(nn.Module):
+    """obs -> normed(h) -> normed(h) -> Linear(2A) = (mean, log_std);
+    std = exp(log_std) + min_std; the action is tanh(u), u ~ N(mean, std)."""
+
+    def __init__(self, obs_size: int, action_size: int, hidden: int, min_std: float):
+        super().__init__()
+        self.hidden1 = NormedLinear(obs_size, hidden)
+        self.hidden2 = NormedLinear(hidden, hidden)
+        self.head = lecun_normal_(nn.Linear(hidden, 2 * action_size))
+        self.min_std = min_std
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.head(self.hidden2(self.hidden1(obs))).chunk(2, dim=-1)
+        # IMPLEMENTATION DETAIL 2: the std floor min_std keeps the policy from collapsing
+        # to a point mass, which would make log-probabilities and the KL explode.
+        return mean, torch.exp(log_std) + self.min_std
+
+
+class Critic(nn.Module):
+    """Categorical Q(s, a) with an auxiliary head (SPEC section 2).
+
+    encoder:  concat(obs, a) -> normed(h) -> Linear(h)            = features z
+    Q head:   SiLU(z) -> normed(h) -> Linear(num_bins) + 40 * zero_dist
+    aux head: SiLU(z) -> normed(h) -> Linear(h + 1)                = (r_hat, z'_hat)
+    """
+
+    def __init__(self, obs_size, action_size, hidden, num_bins, vmin, vmax):
+        super().__init__()
+        self.encoder = NormedLinear(obs_size + action_size, hidden)
+        self.encoder_out = lecun_normal_(nn.Linear(hidden, hidden))
+        self.q_hidden = NormedLinear(hidden, hidden)
+        self.q_out = lecun_normal_(nn.Linear(hidden, num_bins))
+        self.aux_hidden = NormedLinear(hidden, hidden)
+        self.aux_out = lecun_normal_(nn.Linear(hidden, hidden + 1))
+        # IMPLEMENTATION DETAIL 1: a learnable logit offset 40 * hl_gauss(0) so that the
+        # untrained critic predicts Q ~= 0 instead of the middle of [vmin, vmax].
+        self.zero_dist = nn.Parameter(hl_gauss(torch.zeros(()), num_bins, vmin, vmax))
+
+    def features(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.encoder_out(self.encoder(torch.cat([obs, action], dim=-1)))
+
+    def q_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.q_out(self.q_hidden(F.silu(features))) + 40.0 * self.zero_dist
+
+    def aux(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.aux_out(self.aux_hidden(F.silu(features)))
+        return out[..., 0], out[..., 1:]
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (logits (..., num_bins), features (..., hidden))."""
+        features = self.features(obs, action)
+        return self.q_logits(features), features
+
+
+def q_value(logits: torch.Tensor, vmin: float, vmax: float) -> torch.Tensor:
+    """Q(s, a) = sum_i softmax(logits)_i c_i, support c = linspace(vmin, vmax, num_bins)."""
+    support = torch.linspace(vmin, vmax, logits.shape[-1], device=logits.device)
+    return (torch.softmax(logits, dim=-1) * support).sum(dim=-1)
+
+
+# ======================================================================================
+# 5. Losses
+# ======================================================================================
+
+
+def critic_loss(
+    critic: Critic,
+    obs: torch.Tensor,
+    action: torch.Tensor,
+    target_return: torch.Tensor,
+    next_features: torch.Tensor,
+    reward: torch.Tensor,
+    terminated: torch.Tensor,
+    vmin: float,
+    vmax: float,
+    aux_coef: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_Q = mean_b [ CE(logits(s, a), hl_gauss(G)) + aux_coef * L_aux ]   (SPEC section 8)
+
+    L_aux = (1 - terminated) * [ mean_j (z'_hat - z')_j^2 + (r_hat - r)^2 ]: the critic's
+    features must predict the reward and the next state's features (a self-predictive
+    auxiliary task that shapes the representation). Shapes: obs (B, O), action (B, A),
+    target_return / reward / terminated (B,), next_features (B, hidden). The targets come
+    from the rollout (no gradient flows into them).
+    """
+    logits, features = critic(obs, action)
+    target_probs = hl_gauss(target_return, logits.shape[-1], vmin, vmax)
+    cross_entropy = -(target_probs * torch.log_softmax(logits, dim=-1)).sum(dim=-1)  # (B,)
+    reward_pred, next_features_pred = critic.aux(features)
+    aux = ((next_features_pred - next_features) ** 2).mean(dim=-1) + (reward_pred - reward) ** 2
+    aux = aux * (1.0 - terminated)  # (B,)
+    loss = (cross_entropy + aux_coef * aux).mean()
+    info = {
+        "losses/critic_loss": loss.detach(),
+        "losses/critic_ce": cross_entropy.mean().detach(),
+        "losses/aux_loss": aux.mean().detach(),
+        "values/q_mean": q_value(logits, vmin, vmax).mean().detach(),
+    }
+    return loss, info
+
+
+def actor_loss(
+    actor: Actor,
+    log_alpha: torch.Tensor,
+    log_beta: torch.Tensor,
+    critic: Critic,
+    obs: torch.Tensor,
+    old_mean: torch.Tensor,
+    old_std: torch.Tensor,
+    action_noise: torch.Tensor,
+    kl_noise: torch.Tensor,
+    kl_bound: float,
+    entropy_target: float,
+    vmin: float,
+    vmax: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Pathwise actor loss with KL trust region, plus the alpha and beta losses (SPEC 8).
+
+    a = tanh(mean + std * action_noise) (reparameterised), KL = policy_kl(pi_old, pi):
+        l_pi  = sg(alpha) log pi(a|s) - Q(s, a)   if KL < kl_bound, else  sg(beta) KL
+        L_alpha = alpha * sg(-log pi(a|s) - entropy_target)
+        L_beta  = -beta * sg(mean_b KL - kl_bound)
+    returns mean_b(l_pi) + mean_b(L_alpha) + L_beta. sg() is ``.detach()``. Only the actor,
+    log_alpha and log_beta are to be differentiated: the caller takes gradients with
+    respect to those alone (torch.autograd.grad), so the critic is used, not trained.
+    Shapes: obs (B, O), old_mean/old_std/action_noise (B, A), kl_noise (M, B, A).
+    """
+    mean, std = actor(obs)
+    action, log_prob = sample_tanh_normal(mean, std, action_noise)  # (B, A), (B,)
+    logits, _ = critic(obs, action)
+    q = q_value(logits, vmin, vmax)
+    kl = policy_kl(old_mean, old_std, mean, std, kl_noise)  # (B,)
+    alpha, beta = torch.exp(log_alpha), torch.exp(log_beta)
+    pathwise = alpha.detach() * log_prob - q
+    # IMPLEMENTATION DETAIL 8: a state whose policy left the trust region gets only the
+    # KL gradient (pull it back); the others get the pathwise gradient through Q.
+    inside = kl < kl_bound
+    policy_loss = torch.where(inside, pathwise, beta.detach() * kl).mean()
+    alpha_loss = (alpha * (-log_prob - entropy_target).detach()).mean()
+    beta_loss = -beta * (kl.mean() - kl_bound).detach()
+    loss = policy_loss + alpha_loss + beta_loss
+    info = {
+        "losses/actor_loss": policy_loss.detach(),
+        "losses/alpha_loss": alpha_loss.detach(),
+        "losses/beta_loss": beta_loss.detach(),
+        "policy/kl": kl.mean().detach(),
+        "policy/kl_outside_frac": 1.0 - inside.float().mean(),
+        "policy/entropy": -log_prob.mean().detach(),
+        "policy/alpha": alpha.detach(),
+        "policy/beta": beta.detach(),
+        "policy/std": std.mean().detach(),
+    }
+    return loss, info
+
+
+# ======================================================================================
+# 6. Collect / Learn / Evaluate
+# ======================================================================================
+
+
+class Rollout(NamedTuple):
+    """One rollout, every field time-first: (T, N, ...). Allocated once, filled in place."""
+
+    obs: torch.Tensor  # normalised s_t (with the statistics in force during collection)
+    raw_obs: torch.Tensor  # un-normalised s_t, to update the normaliser afterwards
+    action: torch.Tensor  # the clipped action that was executed
+    old_mean: torch.Tensor  # pi_old(s_t): the behaviour policy's mean and std (= pi before learning)
+    old_std: torch.Tensor
+    reward: torch.Tensor
+    soft_reward: torch.Tensor
+    next_value: torch.Tensor  # v'_t = mean_k Q(s'_t, a'_k)
+    next_features: torch.Tensor  # z'_t = features(s'_t, a'_1)
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+    episode_done: torch.Tensor
+    episode_return: torch.Tensor
+    episode_length: torch.Tensor
+    success_once: torch.Tensor
+    success_at_end: torch.Tensor
+
+
+def allocate_rollout(T: int, N: int, obs_size: int, action_size: int, hidden: int, device) -> Rollout:
+    def zeros(*shape, dtype=torch.float32):
+        return torch.zeros((T, N) + shape, dtype=dtype, device=device)
+
+    return Rollout(
+        obs=zeros(obs_size),
+        raw_obs=zeros(obs_size),
+        action=zeros(action_size),
+        old_mean=zeros(action_size),
+        old_std=zeros(action_size),
+        reward=zeros(),
+        soft_reward=zeros(),
+        next_value=zeros(),
+        next_features=zeros(hidden),
+        terminated=zeros(),
+        truncated=zeros(),
+        episode_done=zeros(dtype=torch.bool),
+        episode_return=zeros(),
+        episode_length=zeros(),
+        success_once=zeros(),
+        success_at_end=zeros(),
+    )
+
+
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> None:
+    """Global-norm clipping, in place, with optax's exact rule (``clip_by_global_norm``):
+    g <- g * max_norm / ||g|| when ||g|| > max_norm. (torch.nn.utils.clip_grad_norm_ adds
+    1e-6 to the norm; this keeps the two files' updates identical.)"""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = torch.where(norm < max_norm, torch.ones_like(norm), max_norm / norm)
+    torch._foreach_mul_(grads, scale)
+
+
+class Trainer:
+    """Everything one seed's training holds: networks, multipliers, optimisers, normaliser,
+    envs and the random generator; ``train_iteration`` is one REPPO iteration."""
+
+    def __init__(self, args: Args, seed: int, device: torch.device, env=None, build_eval_env: bool = True):
+        self.args = args
+        self.seed = seed
+        self.device = device
+        # One generator drives every random number of training (actions, permutations,
+        # noise of the losses), so that one --seed reproduces a run and resuming continues it.
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        torch.manual_seed(seed)  # network initialisation
+        self.env = env if env is not None else make_env(args, args.num_envs, seed, device)
+        self.eval_env = None
+        if build_eval_env:
+            # ManiSkill on the CPU simulator holds one env per process: evaluation then
+            # plays its num_eval_envs episodes one after another on a single env.
+            num_eval = args.num_eval_envs if self.env.suite == "dm_control" or device.type == "cuda" else 1
+            self.eval_env = make_env(args, num_eval, seed + 10_000, device)
+        obs_size, action_size = self.env.obs_size, self.env.action_size
+        self.obs_size, self.action_size = obs_size, action_size
+        self.entropy_target = -args.ent_target_mult * action_size
+
+        self.actor = Actor(obs_size, action_size, args.actor_hidden, args.min_std).to(device)
+        self.critic = Critic(obs_size, action_size, args.critic_hidden, args.num_bins, args.vmin, args.vmax).to(device)
+        # alpha and beta are learned in log space; both use the actor's optimiser (SPEC 9).
+        self.log_alpha = torch.tensor(math.log(args.ent_start), device=device, requires_grad=True)
+        self.log_beta = torch.tensor(math.log(args.kl_start), device=device, requires_grad=True)
+        self.actor_params = list(self.actor.parameters()) + [self.log_alpha, self.log_beta]
+        self.critic_params = list(self.critic.parameters())
+        adam = {"lr": args.learning_rate, "betas": (0.9, 0.999), "eps": 1e-8}  # optax.adam's defaults
+        if args.fused_adam and device.type == "cuda":
+            adam["fused"] = True
+        self.actor_opt = torch.optim.Adam(self.actor_params, **adam)
+        self.critic_opt = torch.optim.Adam(self.critic_params, **adam)
+        self.normalizer = normalizer_init(obs_size, device)
+        self.rollout = allocate_rollout(
+            args.num_steps, args.num_envs, obs_size, action_size, args.critic_hidden, device
+        )
+        self.critic_loss_fn, self.actor_loss_fn = critic_loss, actor_loss
+        if args.compile:
+            self.critic_loss_fn, self.actor_loss_fn = torch.compile(critic_loss), torch.compile(actor_loss)
+        self.iteration = 0
+        self.obs = self.env.reset(randomize_steps=True)  # (N, O)
+
+    def normal(self, *shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.device)
+
+    @torch.no_grad()
+    def collect_rollout(self) -> Rollout:
+        """T steps on N envs with the current policy; soft rewards and v' (SPEC 6).
+        No autograd graph is built (``no_grad``): collection only produces targets."""
+        args, buf = self.args, self.rollout
+        alpha = torch.exp(self.log_alpha)
+        K = args.num_value_samples
+        for t in range(args.num_steps):
+            raw_obs = self.obs  # (N, O), kept to update the normaliser afterwards
+            obs = normalize(self.normalizer, raw_obs)
+            mean, std = self.actor(obs)  # (N, A) each
+            action, _ = sample_tanh_normal(mean, std, self.normal(*mean.shape))
+            action = action.clamp(-ACTION_CLIP, ACTION_CLIP)  # (N, A)
+            step = self.env.step(action)
+            # Value of the TRUE next state under the current policy: K fresh actions a'.
+            next_obs = normalize(self.normalizer, step.final_obs)  # (N, O)
+            next_mean, next_std = self.actor(next_obs)
+            next_action, next_log_prob = sample_tanh_normal(
+                next_mean, next_std, self.normal(K, *next_mean.shape)
+            )  # (K, N, A), (K, N)
+            next_logits, next_features = self.critic(next_obs.expand(K, *next_obs.shape), next_action)
+            next_value = q_value(next_logits, args.vmin, args.vmax).mean(dim=0)  # (N,)
+            # IMPLEMENTATION DETAIL 6: no entropy bonus after a terminal state.
+            not_terminal = 1.0 - step.terminated
+            soft_reward = step.reward - not_terminal * args.gamma * alpha * next_log_prob.mean(dim=0)
+            for name, value in (
+                ("obs", obs), ("raw_obs", raw_obs), ("action", action), ("old_mean", mean), ("old_std", std),
+                ("reward", step.reward), ("soft_reward", soft_reward), ("next_value", next_value),
+                ("next_features", next_features[0]), ("terminated", step.terminated),
+                ("truncated", step.truncated), ("episode_done", step.episode_done),
+                ("episode_return", step.episode_return), ("episode_length", step.episode_length),
+                ("success_once", step.success_once), ("success_at_end", step.success_at_end),
+            ):  # fmt: skip
+                getattr(buf, name)[t] = value
+            self.obs = step.next_obs
+        return buf
+
+    def update_minibatch(self, minibatch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One critic step, then one actor step (SPEC section 8)."""
+        args = self.args
+        loss, critic_info = self.critic_loss_fn(
+            self.critic,
+            minibatch["obs"],
+            minibatch["action"],
+            minibatch["target_return"],
+            minibatch["next_features"],
+            minibatch["reward"],
+            minibatch["terminated"],
+            args.vmin,
+            args.vmax,
+            args.aux_coef,
+        )
+        self._step(self.critic_opt, self.critic_params, loss)
+
+        # Fresh noise for this minibatch's reparameterised actions and KL samples.
+        action_noise = self.normal(*minibatch["old_mean"].shape)
+        kl_noise = self.normal(args.num_kl_samples, *minibatch["old_mean"].shape)
+        loss, actor_info = self.actor_loss_fn(
+            self.actor,
+            self.log_alpha,
+            self.log_beta,
+            self.critic,  # the freshly updated critic
+            minibatch["obs"],
+            minibatch["old_mean"],
+            minibatch["old_std"],
+            action_noise,
+            kl_noise,
+            args.kl_bound,
+            self.entropy_target,
+            args.vmin,
+            args.vmax,
+        )
+        self._step(self.actor_opt, self.actor_params, loss)
+        return {**critic_info, **actor_info}
+
+    def _step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor) -> None:
+        # Gradients with respect to ``params`` only: for the actor loss this leaves the
+        # critic's parameters untouched (the JAX file differentiates a function of the actor).
+        grads = list(torch.autograd.grad(loss, params))
+        clip_grad_norm(grads, self.args.max_grad_norm)
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        optimizer.step()
+
+    def train_iteration(self) -> dict[str, float]:
+        """collect -> update normaliser -> soft TD(lambda) targets -> epochs of minibatches."""
+        args = self.args
+        rollout = self.collect_rollout()
+        # IMPLEMENTATION DETAIL 9: the statistics are updated after collection, before
+        # learning, and the batch keeps the normalisation it was collected with, so the
+        # learner sees exactly the inputs the behaviour policy saw (SPEC 3).
+        self.normalizer = normalizer_update(self.normalizer, rollout.raw_obs)
+        target_return = soft_lambda_returns(
+            rollout.soft_reward, rollout.next_value, rollout.terminated, rollout.truncated, args.gamma, args.lmbda
+        )  # (T, N)
+        # pi_old: the policy that collected the batch, frozen for the whole learning phase.
+        # Its mean/std were stored during collection (the actor did not change meanwhile).
+        batch_size = args.num_envs * args.num_steps
+        minibatch_size = batch_size // args.num_mini_batches
+        batch = {
+            "obs": rollout.obs,
+            "action": rollout.action,
+            "target_return": target_return,
+            "next_features": rollout.next_features,
+            "reward": rollout.reward,
+            "terminated": rollout.terminated,
+            "old_mean": rollout.old_mean,
+            "old_std": rollout.old_std,
+        }
+        batch = {k: v.reshape((batch_size,) + v.shape[2:]) for k, v in batch.items()}  # (B, ...)
+        infos = []
+        for _ in range(args.num_epochs):
+            # A fresh permutation each epoch, split into num_mini_batches minibatches.
+            order = torch.randperm(batch_size, generator=self.generator, device=self.device)
+            shuffled = {k: v[order] for k, v in batch.items()}  # one gather per field per epoch
+            for start in range(0, batch_size, minibatch_size):
+                minibatch = {k: v[start : start + minibatch_size] for k, v in shuffled.items()}
+                infos.append(self.update_minibatch(minibatch))
+        self.iteration += 1
+
+        # One device->host transfer for all metrics of the iteration (no per-minibatch sync).
+        names = list(infos[0])
+        means = torch.stack([torch.stack([info[n] for info in infos]) for n in names]).float().mean(dim=1)
+        done = rollout.episode_done
+        extra = torch.stack(
+            [
+                done.sum().float(),
+                torch.where(done, rollout.episode_return, 0.0).sum(),
+                torch.where(done, rollout.episode_length, 0.0).sum(),
+                torch.where(done, rollout.success_once, 0.0).sum(),
+                target_return.mean(),
+                rollout.next_value.mean(),
+                rollout.soft_reward.mean(),
+                rollout.reward.mean(),
+            ]
+        )
+        values = torch.cat([means, extra]).tolist()
+        extra_names = [
+            "charts/episodes",
+            "charts/episode_return_sum",
+            "charts/episode_length_sum",
+            "charts/episode_success_sum",
+            "values/target_return_mean",
+            "values/next_value_mean",
+            "values/soft_reward_mean",
+            "values/reward_mean",
+        ]
+        return dict(zip(names + extra_names, values))
+
+    @torch.no_grad()
+    def evaluate(self, stochastic: bool = False) -> dict[str, np.ndarray]:
+        """Full episodes on the separate evaluation envs (SPEC 10): the deterministic policy
+        tanh(mean), or (``stochastic``) samples of pi. The normaliser is frozen. Fresh reset
+        keys derived from the seed and the iteration, so a resumed run evaluates exactly as
+        an unbroken one, and evaluation never touches the training generator.
+        Returns per-episode arrays: 'return', and for ManiSkill 'success_once'/'success_at_end'."""
+        args, env = self.args, self.eval_env
+        generator = torch.Generator(device=self.device).manual_seed(
+            (self.seed * 1_000_003 + self.iteration * 2 + int(stochastic)) % 2**63
+        )
+        rounds = math.ceil(args.num_eval_envs / env.num_envs)
+        returns, success_once, success_at_end = [], [], []
+        for round_index in range(rounds):
+            if env.suite == "dm_control":
+                import jax
+
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.seed), 0xE7A1), self.iteration)
+                obs = env.reset(randomize_steps=False, key=jax.random.fold_in(key, round_index))
+            else:
+                obs = env.reset(randomize_steps=False, key=self.seed * 7919 + self.iteration * 131 + round_index)
+            episode_return = torch.zeros(env.num_envs, device=self.device)
+            alive = torch.ones(env.num_envs, dtype=torch.bool, device=self.device)
+            for _ in range(args.episode_length):
+                mean, std = self.actor(normalize(self.normalizer, obs))
+                if stochastic:
+                    noise = torch.randn(mean.shape, generator=generator, device=self.device)
+                    action = sample_tanh_normal(mean, std, noise)[0]
+                else:
+                    action = torch.tanh(mean)
+                step = env.step(action.clamp(-ACTION_CLIP, ACTION_CLIP))
+                episode_return += torch.where(alive, step.reward, 0.0)
+                ended = (step.terminated + step.truncated) > 0
+                newly = alive & ended
+                if env.suite == "maniskill":
+                    success_once.append(step.success_once[newly])
+                    success_at_end.append(step.success_at_end[newly])
+                alive = alive & ~ended
+                obs = step.next_obs
+                if not alive.any():
+                    break
+            returns.append(episode_return)
+        result = {"return": torch.cat(returns)[: args.num_eval_envs].cpu().numpy()}
+        if env.suite == "maniskill":
+            result["success_once"] = torch.cat(success_once)[: args.num_eval_envs].cpu().numpy()
+            result["success_at_end"] = torch.cat(success_at_end)[: args.num_eval_envs].cpu().numpy()
+        return result
+
+    # --- checkpoint contents -----------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "log_beta": self.log_beta.detach().clone(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "normalizer": self.normalizer._asdict(),
+            "iteration": self.iteration,
+            "generator": self.generator.get_state(),
+            "obs": self.obs.detach().clone(),
+            "env": self.env.get_state(),
+        }
+
+    def load_state_dict(self, state: dict, with_env: bool = True) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+            self.log_beta.copy_(state["log_beta"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.normalizer = NormalizerState(**{k: v.to(self.device) for k, v in state["normalizer"].items()})
+        self.iteration = int(state["iteration"])
+        self.generator.set_state(state["generator"])
+        if with_env:
+            self.env.set_state(state["env"])
+            if self.env.suite == "dm_control":
+                self.obs = state["obs"].to(self.device)
+            else:  # the simulator restarts its episodes (see ManiSkillEnv.get_state)
+                self.obs = self.env.reset(randomize_steps=True)
+
+
+# ======================================================================================
+# 7. Logging & checkpoints
+# ======================================================================================
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    names = ["torch", "numpy", "tyro", "jax", "jaxlib", "mujoco", "mujoco-mjx", "playground"]
+    for name in names + ["mani_skill", "sapien", "gymnasium"]:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def save_checkpoint(path: str, trainer: Trainer, args: Args, global_step: int) -> None:
+    """One torch.save file: actor, critic, both optimiser states, log_alpha/log_beta,
+    normaliser, iteration, the training generator's state, the env state (Playground: the
+    JAX physics state and key; ManiSkill: only a counter), plus the args and counters.
+    Everything in it is a tensor, number or string, so it loads with ``weights_only=True``.
+    Written atomically (tmp file + rename)."""
+    payload = {"format": "reppo_torch", "args": dataclasses.asdict(args), "global_step": global_step}
+    payload["trainer"] = trainer.state_dict()
+    tmp_path = path + ".tmp"
+    torch.save(payload, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def read_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != "reppo_torch":
+            raise ValueError("missing the 'reppo_torch' format tag")
+    except Exception as error:
+        raise UserError(f"'{path}' is not a reppo_torch checkpoint: {error}") from error
+    return payload
+
+
+class MetricsLogger:
+    """metrics.csv (always), wandb (with --track) and a tqdm progress bar on stderr."""
+
+    def __init__(self, args: Args, run_dir: str, run_name: str, start_step: int, metric_names: list[str]):
+        self.args = args
+        self.path = os.path.join(run_dir, "metrics.csv")
+        self.columns = ["global_step", "seed"] + sorted(set(metric_names) - {"seed"})
+        kept = []
+        if os.path.exists(self.path):  # a resumed run: drop the rows past the checkpoint
+            with open(self.path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["global_step"]) <= start_step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=run_name,
+                config=dataclasses.asdict(args),
+                mode=args.wandb_mode,
+                dir=run_dir,
+                resume="allow",
+                id=run_name.replace("/", "_"),
+            )
+        self.bar = None
+        if args.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=args.total_timesteps, initial=start_step, unit="step", unit_scale=True, file=sys.stderr
+            )
+
+    def log(self, global_step: int, rows: list[dict[str, float]]) -> None:
+        """One row per seed (this file logs one seed per run, so one row)."""
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            for row in rows:
+                writer.writerow({"global_step": global_step, **row})
+        if self.wandb is not None:
+            keys = [k for k in rows[0] if k != "seed"]
+            summary = {k: float(np.nanmean([row.get(k, np.nan) for row in rows])) for k in keys}
+            self.wandb.log(summary, step=global_step)
+
+    def progress(self, global_step: int, sps: float, eval_return: float, success: float | None = None) -> None:
+        if self.bar is not None:
+            self.bar.n = global_step
+            postfix = {"SPS": f"{sps:,.0f}" if math.isfinite(sps) else "warm-up", "eval_return": f"{eval_return:.1f}"}
+            if success is not None:
+                postfix["success"] = f"{success:.2f}"
+            self.bar.set_postfix(postfix)
+            self.bar.refresh()
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def first_nonfinite(metrics: dict[str, float]) -> str | None:
+    """Name of the first NaN/inf metric of an iteration, else None."""
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            return name
+    return None
+
+
+# ======================================================================================
+# 8. main
+# ======================================================================================
+
+
+def make_run_dir(args: Args) -> tuple[str, str]:
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    return run_name, run_dir
+
+
+def write_args(args: Args, run_dir: str, device: torch.device) -> None:
+    record = {
+        "args": dataclasses.asdict(args),
+        "versions": library_versions(),
+        "torch_device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "command": " ".join(sys.argv),
+    }
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def eval_rows(args: Args, trainer: Trainer) -> dict[str, float]:
+    """Evaluation metrics of one seed: deterministic return (mean, std); for ManiSkill also
+    success_once / success_at_end and the same for the stochastic policy."""
+    result = trainer.evaluate()
+    row = {
+        "seed": trainer.seed,
+        "eval/episodic_return": float(result["return"].mean()),
+        "eval/episodic_return_std": float(result["return"].std()),
+    }
+    if trainer.env.suite == "maniskill":
+        row["eval/success_once"] = float(result["success_once"].mean())
+        row["eval/success_at_end"] = float(result["success_at_end"].mean())
+        stochastic = trainer.evaluate(stochastic=True)
+        row["eval_stochastic/episodic_return"] = float(stochastic["return"].mean())
+        row["eval_stochastic/success_once"] = float(stochastic["success_once"].mean())
+        row["eval_stochastic/success_at_end"] = float(stochastic["success_at_end"].mean())
+    return row
+
+
+def train_row(metrics: list[dict[str, float]], sps: float) -> dict[str, float]:
+    """Average the per-iteration metrics since the last log point into one row."""
+    names = [k for k in metrics[0] if not k.startswith("charts/episode")]
+    row = {k: float(np.mean([m[k] for m in metrics])) for k in names}
+    episodes = sum(m["charts/episodes"] for m in metrics)
+    nan = float("nan")
+    row["charts/episodic_return"] = sum(m["charts/episode_return_sum"] for m in metrics) / episodes if episodes else nan
+    row["charts/episodic_length"] = sum(m["charts/episode_length_sum"] for m in metrics) / episodes if episodes else nan
+    row["charts/SPS"] = sps
+    return row
+
+
+def metric_names(trainer: Trainer) -> list[str]:
+    """Every column a log row can hold (known without running anything)."""
+    names = ["losses/critic_loss", "losses/critic_ce", "losses/aux_loss", "values/q_mean"]
+    names += ["losses/actor_loss", "losses/alpha_loss", "losses/beta_loss", "policy/kl", "policy/kl_outside_frac"]
+    names += ["policy/entropy", "policy/alpha", "policy/beta", "policy/std", "values/target_return_mean"]
+    names += ["values/next_value_mean", "values/soft_reward_mean", "values/reward_mean", "charts/episodes"]
+    names += ["charts/episodic_return", "charts/episodic_length", "charts/SPS"]
+    names += ["eval/episodic_return", "eval/episodic_return_std"]
+    if trainer.env.suite == "maniskill":
+        names += ["charts/success_once", "eval/success_once", "eval/success_at_end"]
+        names += ["eval_stochastic/episodic_return", "eval_stochastic/success_once", "eval_stochastic/success_at_end"]
+    return names
+
+
+def describe_device(args: Args, trainer: Trainer, device: torch.device) -> str:
+    if trainer.env.suite == "maniskill":
+        sim = trainer.env.sim_backend
+        note = "" if sim == "physx_cuda" else " (no CUDA: ManiSkill's CPU simulator runs one env per process)"
+        return f"ManiSkill3 {args.env_id} on {sim} with {args.num_envs} env(s){note}; networks on {device}"
+    return f"MuJoCo Playground {args.env_id} (JAX, impl={args.impl}) with {args.num_envs} envs; networks on {device}"
+
+
+def run_eval_only(args: Args) -> None:
+    if args.checkpoint is None:
+        raise UserError("--eval-only needs --checkpoint PATH")
+    payload = read_checkpoint(args.checkpoint)
+    saved = dataclasses.replace(Args(), **payload["args"])
+    saved = dataclasses.replace(saved, num_eval_envs=args.num_eval_envs, device=args.device)
+    saved = resolve_args(saved)
+    device = torch_device(saved)
+    # Evaluation needs no training envs: build a Trainer around a 1-env stand-in.
+    trainer = Trainer(
+        dataclasses.replace(saved, num_envs=1), saved.seed, device, env=make_env(saved, 1, saved.seed, device)
+    )
+    trainer.load_state_dict(payload["trainer"], with_env=False)
+    row = eval_rows(saved, trainer)
+    line = (
+        f"eval seed={saved.seed} step={payload['global_step']} "
+        f"episodic_return={row['eval/episodic_return']:.2f} +- {row['eval/episodic_return_std']:.2f} "
+        f"over {args.num_eval_envs} episodes"
+    )
+    if "eval/success_once" in row:
+        line += (
+            f" success_once={row['eval/success_once']:.2f} success_at_end={row['eval/success_at_end']:.2f}"
+            f" (stochastic: return={row['eval_stochastic/episodic_return']:.2f}"
+            f" success_once={row['eval_stochastic/success_once']:.2f})"
+        )
+    print(line)
+
+
+def train(args: Args) -> str:
+    """Train (or resume) one seed's run; returns the run folder."""
+    start_step = 0
+    payload = None
+    if args.resume is not None:
+        payload = read_checkpoint(args.resume)
+        saved = dataclasses.replace(Args(), **payload["args"])
+        explicit_total = any(a.startswith("--total-timesteps") for a in sys.argv[1:])
+        total = args.total_timesteps if explicit_total else saved.total_timesteps
+        args = dataclasses.replace(saved, total_timesteps=total, resume=args.resume, progress=args.progress)
+        args = resolve_args(args)
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        run_name = os.path.basename(run_dir)
+        start_step = payload["global_step"]
+    else:
+        run_name, run_dir = make_run_dir(args)
+    device = torch_device(args)
+    write_args(args, run_dir, device)
+
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+    trainer = Trainer(args, args.seed, device)
+    if payload is not None:
+        trainer.load_state_dict(payload["trainer"])
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
+    logger = MetricsLogger(args, run_dir, run_name, start_step, metric_names(trainer))
+    logger.write(f"run folder: {run_dir}")
+    logger.write(describe_device(args, trainer, device))
+
+    iteration = trainer.iteration
+    train_seconds, train_steps = 0.0, 0
+    warmed_up = False  # the first iteration of a process (JAX compilation, allocator warm-up) is not timed
+    metrics: list[dict[str, float]] = []
+    eval_return = float("nan")
+    # Ctrl-C: the first one lets the running iteration finish and then saves a clean
+    # checkpoint of the last completed iteration (so --resume continues exactly); a second
+    # Ctrl-C stops at once.
+    interrupted = install_interrupt_handler()
+    try:
+        if iteration == 0:  # the untrained policy, so curves start at step 0
+            row = eval_rows(args, trainer)
+            logger.log(0, [row])
+            eval_return = row["eval/episodic_return"]
+        while iteration < num_iterations:
+            if interrupted["flag"]:
+                interrupted["clean"] = True  # stopped between iterations
+                raise KeyboardInterrupt
+            start = time.perf_counter()
+            iteration_metrics = trainer.train_iteration()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if warmed_up:
+                train_seconds += time.perf_counter() - start
+                train_steps += batch_size
+            warmed_up = True
+            bad = first_nonfinite(iteration_metrics)
+            if bad is not None:
+                raise UserError(
+                    f"non-finite {bad} at iteration {iteration + 1}; stopped"
+                    + (f". The last checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else "")
+                )
+            metrics.append(iteration_metrics)
+            iteration += 1
+            global_step = iteration * batch_size
+            sps = train_steps / train_seconds if train_seconds > 0 else float("nan")
+            logger.progress(global_step, sps, eval_return)
+            if iteration % args.log_interval == 0 or iteration == num_iterations:
+                row = {**train_row(metrics, sps), **eval_rows(args, trainer)}
+                if trainer.env.suite == "maniskill":
+                    episodes = sum(m["charts/episodes"] for m in metrics)
+                    successes = sum(m["charts/episode_success_sum"] for m in metrics)
+                    row["charts/success_once"] = successes / episodes if episodes else float("nan")
+                metrics = []
+                eval_return = row["eval/episodic_return"]
+                logger.log(global_step, [row])
+                logger.progress(global_step, sps, eval_return, row.get("eval/success_once"))
+                if args.save_model:
+                    save_checkpoint(checkpoint_path, trainer, args, global_step)
+        sps = train_steps / train_seconds if train_seconds > 0 else float("nan")
+        logger.write(
+            f"done: {iteration * batch_size:,} steps, final eval return {eval_return:.1f}, "
+            f"SPS {sps:,.0f} (after the first, warm-up iteration), peak RSS {peak_rss_mb():,.0f} MiB"
+        )
+    except KeyboardInterrupt:
+        if interrupted["clean"]:
+            save_checkpoint(checkpoint_path, trainer, args, iteration * batch_size)
+            logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
+        else:
+            logger.write("interrupted twice, inside an iteration: no checkpoint written")
+        logger.close()
+        raise
+    finally:
+        restore_interrupt_handler()
+    logger.close()
+    return run_dir
+
+
+_previous_sigint_handler: Any = None
+
+
+def install_interrupt_handler() -> dict[str, bool]:
+    """SIGINT sets a flag the training loop reads between iterations; a second SIGINT
+    raises KeyboardInterrupt at once."""
+    import signal
+
+    global _previous_sigint_handler
+    state = {"flag": False, "clean": False}
+
+    def handler(signum, frame):
+        if state["flag"]:
+            raise KeyboardInterrupt
+        state["flag"] = True
+        print(
+            "\nCtrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again to stop now)", file=sys.stderr
+        )
+
+    try:
+        _previous_sigint_handler = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (e.g. some test runners): plain KeyboardInterrupt
+        _previous_sigint_handler = None
+    return state
+
+
+def restore_interrupt_handler() -> None:
+    import signal
+
+    if _previous_sigint_handler is not None:
+        signal.signal(signal.SIGINT, _previous_sigint_handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = resolve_args(parse_args(argv))
+        if args.eval_only:
+            run_eval_only(args)
+        elif args.resume is not None:
+            train(args)
+        else:
+            for index in range(args.num_seeds):  # seeds one after another, one run folder each
+                train(dataclasses.replace(args, seed=args.seed + index))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The math of reppo_torch.py against independent references (loops, closed forms, quadrature).
+
+The same checks as tests/test_math_jax.py; the reference implementations (plain loops in
+float64) are imported from there so that both files are held to one reference."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+from test_math_jax import lambda_mixture, naive_tanh_normal_log_prob, random_rollout, recursive_loop
+
+import reppo_torch as rt
+
+
+def t(x):
+    return torch.as_tensor(np.asarray(x), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------ hl_gauss
+
+
+@pytest.mark.parametrize("vmin, vmax, num_bins", [(0.0, 150.0, 151), (-15.0, 15.0, 101), (-10.0, 10.0, 51)])
+def test_hl_gauss_sums_to_one_and_recovers_value(vmin, vmax, num_bins):
+    width = (vmax - vmin) / (num_bins - 1)
+    values = np.random.default_rng(0).uniform(vmin + 3 * width, vmax - 3 * width, size=200)
+    probs = rt.hl_gauss(t(values), num_bins, vmin, vmax).numpy()
+    assert probs.shape == (200, num_bins)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert (probs >= 0).all()
+    support = np.linspace(vmin, vmax, num_bins)
+    np.testing.assert_allclose(probs @ support, values, atol=0.02 * width)
+
+
+def test_hl_gauss_clips_outside_support():
+    probs = rt.hl_gauss(t([-50.0, 0.0, 150.0, 400.0]), 151, 0.0, 150.0).numpy()
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-7)
+    np.testing.assert_allclose(probs[3], probs[2], atol=1e-7)
+    assert probs[0].argmax() == 0 and probs[3].argmax() == 150
+
+
+def test_hl_gauss_matches_numerical_integration_of_the_density():
+    vmin, vmax, num_bins = -5.0, 5.0, 21
+    width = (vmax - vmin) / (num_bins - 1)
+    sigma = 0.75 * width
+    for x in [-4.3, -0.77, 0.0, 1.234, 4.9]:
+        edges = vmin - width / 2 + width * np.arange(num_bins + 1)
+        reference = np.array(
+            [integrate.quad(stats.norm(x, sigma).pdf, lo, hi)[0] for lo, hi in itertools.pairwise(edges)]
+        )
+        reference /= reference.sum()
+        np.testing.assert_allclose(rt.hl_gauss(t(x), num_bins, vmin, vmax).numpy(), reference, atol=2e-6)
+
+
+# --------------------------------------------------------------- tanh-Gaussian log-prob
+
+
+def test_tanh_normal_log_prob_matches_naive_float64():
+    rng = np.random.default_rng(1)
+    mean = rng.normal(size=(64, 6)).astype(np.float32)
+    std = rng.uniform(0.1, 2.0, size=(64, 6)).astype(np.float32)
+    action = np.tanh(mean + std * rng.normal(size=(64, 6))).clip(-0.995, 0.995).astype(np.float32)
+    ours = rt.tanh_normal_log_prob(t(action), t(mean), t(std)).numpy()
+    np.testing.assert_allclose(ours, naive_tanh_normal_log_prob(action, mean, std), rtol=1e-4, atol=1e-3)
+
+
+def test_sampled_log_prob_equals_log_prob_of_the_sample():
+    rng = np.random.default_rng(2)
+    mean, std = rng.normal(size=(32, 3)), rng.uniform(0.2, 1.0, size=(32, 3))
+    noise = rng.normal(size=(32, 3))
+    action, log_prob = rt.sample_tanh_normal(t(mean), t(std), t(noise))
+    np.testing.assert_allclose(np.tanh(mean + std * noise), action.numpy(), atol=1e-6)
+    np.testing.assert_allclose(log_prob.numpy(), naive_tanh_normal_log_prob(action, mean, std), rtol=1e-4, atol=1e-3)
+
+
+def test_log_prob_is_finite_at_the_boundary():
+    """IMPLEMENTATION DETAIL 7: |a| = 1 is clipped before atanh."""
+    log_prob = rt.tanh_normal_log_prob(t([[1.0, -1.0]]), t([[0.0, 0.0]]), t([[1.0, 1.0]]))
+    assert torch.isfinite(log_prob).all()
+
+
+@pytest.mark.parametrize("mean, std", [(0.0, 0.5), (0.7, 0.3), (-1.2, 1.0)])
+def test_tanh_normal_density_integrates_to_one_in_1d(mean, std):
+    grid = np.linspace(-1 + 1e-6, 1 - 1e-6, 400_001, dtype=np.float64)
+    log_prob = rt.tanh_normal_log_prob(t(grid[:, None]), t(mean), t(std)).numpy()
+    assert abs(np.trapezoid(np.exp(log_prob.astype(np.float64)), grid) - 1.0) < 2e-3
+
+
+# ------------------------------------------------------------------------ soft TD(lambda)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lmbda", [0.0, 0.5, 0.95, 1.0])
+def test_soft_lambda_returns_matches_loop_and_mixture(seed, lmbda):
+    reward, value, term, trunc = random_rollout(seed)
+    ours = rt.soft_lambda_returns(t(reward), t(value), t(term), t(trunc), 0.99, lmbda).numpy()
+    np.testing.assert_allclose(ours, recursive_loop(reward, value, term, trunc, 0.99, lmbda), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(ours, lambda_mixture(reward, value, term, trunc, 0.99, lmbda), rtol=1e-5, atol=1e-4)
+
+
+def test_soft_lambda_returns_one_step_when_lambda_is_zero():
+    reward, value, term, trunc = random_rollout(7)
+    one_step = np.where(term, reward, reward + 0.9 * value)
+    ours = rt.soft_lambda_returns(t(reward), t(value), t(term), t(trunc), 0.9, 0.0).numpy()
+    np.testing.assert_allclose(ours, one_step, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- policy KL
+
+
+def test_policy_kl_is_zero_for_identical_policies():
+    rng = np.random.default_rng(3)
+    mean, std = t(rng.normal(size=(10, 4))), t(rng.uniform(0.2, 1, size=(10, 4)))
+    noise = torch.randn(16, 10, 4, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(rt.policy_kl(mean, std, mean, std, noise).numpy(), 0.0, atol=1e-6)
+
+
+def test_policy_kl_converges_to_closed_form_gaussian_kl():
+    """KL is invariant under the (bijective) tanh, so KL(tanh-N0 || tanh-N1) = KL(N0 || N1)."""
+    m0, s0 = t([[0.2, -0.3, 0.1]]), t([[0.4, 0.5, 0.3]])
+    m1, s1 = t([[0.35, -0.1, 0.0]]), t([[0.5, 0.4, 0.35]])
+    closed = float(torch.sum(torch.log(s1 / s0) + (s0**2 + (m0 - m1) ** 2) / (2 * s1**2) - 0.5))
+    generator = torch.Generator().manual_seed(1)
+    estimates = [
+        float(rt.policy_kl(m0, s0, m1, s1, torch.randn(m, 1, 3, generator=generator))[0]) for m in (16, 200_000)
+    ]
+    assert abs(estimates[1] - closed) < 0.02 * closed + 1e-3
+    assert abs(estimates[1] - closed) < abs(estimates[0] - closed) + 1e-3
+
+
+# ---------------------------------------------------------------------------- normaliser
+
+
+def test_normalizer_equals_numpy_over_concatenated_batches():
+    rng = np.random.default_rng(4)
+    batches = [rng.normal(loc=3.0, scale=2.0, size=(n, 7)) for n in (5, 100, 33, 1)]
+    state = rt.normalizer_init(7)
+    for batch in batches:
+        state = rt.normalizer_update(state, t(batch))
+    everything = np.concatenate(batches)
+    np.testing.assert_allclose(state.mean.numpy(), everything.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state.var.numpy(), everything.var(0), rtol=1e-4)
+    assert float(state.count) == len(everything)
+    x = rng.normal(size=(3, 7))
+    expected = (x - everything.mean(0)) / np.sqrt(everything.var(0) + 1e-2)
+    np.testing.assert_allclose(rt.normalize(state, t(x)).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_normalizer_accepts_time_major_batches():
+    batch = np.random.default_rng(5).normal(size=(4, 6, 2))
+    state = rt.normalizer_update(rt.normalizer_init(2), t(batch))
+    np.testing.assert_allclose(state.mean.numpy(), batch.reshape(-1, 2).mean(0), atol=1e-5)
+    assert math.isclose(float(state.count), 24)
+
+
+# ------------------------------------------------------------------------------ networks
+
+
+def test_untrained_critic_predicts_about_zero():
+    """IMPLEMENTATION DETAIL 1: the 40 * hl_gauss(0) logit offset."""
+    torch.manual_seed(0)
+    critic = rt.Critic(5, 3, 32, 51, 0.0, 150.0)
+    logits, _ = critic(torch.randn(32, 5), torch.tanh(torch.randn(32, 3)))
+    assert rt.q_value(logits, 0.0, 150.0).abs().max() < 0.05 * 150 / 50
+
+
+def test_actor_std_has_a_floor():
+    """IMPLEMENTATION DETAIL 2."""
+    actor = rt.Actor(5, 3, 32, 0.1)
+    with torch.no_grad():
+        actor.head.bias[3:] = -100.0
+    _, std = actor(torch.randn(8, 5))
+    assert (std >= 0.1).all()

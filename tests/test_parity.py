@@ -1,0 +1,264 @@
+"""Parity of reppo_torch.py with reppo_jax.py: one set of weights copied into both files'
+networks, the same batch and the same random samples -> the same outputs, losses, metric
+values and gradients of one update step (float32 tolerance)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+import reppo_jax as rj
+import reppo_torch as rt
+
+OBS, ACT, HIDDEN, BINS, B, M = 7, 3, 32, 51, 64, 16
+VMIN, VMAX = -10.0, 40.0
+
+
+def perturbed(module, seed):
+    """Give every parameter of a JAX module a random, non-trivial value (nonzero biases,
+    norm scales away from one), so that a wrongly copied or transposed weight shows."""
+    rng = np.random.default_rng(seed)
+    state = nnx.state(module, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    for _, variable in flat:
+        value = np.asarray(variable.get_value())
+        variable.set_value(jnp.asarray(value + 0.1 * rng.normal(size=value.shape), jnp.float32))
+    nnx.update(module, nnx.from_flat_state(flat))
+    return module
+
+
+def torch_name(path) -> tuple[str, bool]:
+    """nnx parameter path -> (torch state_dict key, whether to transpose).
+    JAX kernels are (in, out); torch Linear weights are (out, in). RMSNorm 'scale' is 'weight'."""
+    *prefix, leaf = [str(p) for p in path]
+    if leaf == "kernel":
+        return ".".join(prefix + ["weight"]), True
+    if leaf == "scale":
+        return ".".join(prefix + ["weight"]), False
+    return ".".join(prefix + [leaf]), False
+
+
+def copy_into_torch(jax_module, torch_module):
+    state = {}
+    for path, variable in nnx.to_flat_state(nnx.state(jax_module, nnx.Param)):
+        name, transpose = torch_name(path)
+        value = np.asarray(variable.get_value())
+        state[name] = torch.from_numpy(np.array(value.T if transpose else value))
+    missing, unexpected = torch_module.load_state_dict(state, strict=True)
+    assert not missing and not unexpected
+    return torch_module
+
+
+def t(x):
+    return torch.from_numpy(np.array(x, dtype=np.float32))
+
+
+def close(torch_value, jax_value, rtol=2e-5, atol=2e-5):
+    np.testing.assert_allclose(np.asarray(torch_value.detach() if torch.is_tensor(torch_value) else torch_value),
+                               np.asarray(jax_value), rtol=rtol, atol=atol)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def nets():
+    rngs = nnx.Rngs(0)
+    jax_actor = perturbed(rj.Actor(OBS, ACT, HIDDEN, 0.1, rngs), 1)
+    jax_critic = perturbed(rj.Critic(OBS, ACT, HIDDEN, BINS, VMIN, VMAX, rngs), 2)
+    torch_actor = copy_into_torch(jax_actor, rt.Actor(OBS, ACT, HIDDEN, 0.1))
+    torch_critic = copy_into_torch(jax_critic, rt.Critic(OBS, ACT, HIDDEN, BINS, VMIN, VMAX))
+    rng = np.random.default_rng(3)
+    batch = {
+        "obs": rng.normal(size=(B, OBS)).astype(np.float32),
+        "action": np.tanh(rng.normal(size=(B, ACT))).astype(np.float32),
+        "target_return": rng.uniform(VMIN - 5, VMAX + 5, size=B).astype(np.float32),
+        "next_features": rng.normal(size=(B, HIDDEN)).astype(np.float32),
+        "reward": rng.normal(size=B).astype(np.float32),
+        "terminated": (rng.random(B) < 0.2).astype(np.float32),
+        "action_noise": rng.normal(size=(B, ACT)).astype(np.float32),
+        "kl_noise": rng.normal(size=(M, B, ACT)).astype(np.float32),
+    }
+    # pi_old: the actor's own output, shifted far away on every third state, so that both
+    # branches of the trust region (inside: pathwise, outside: KL) are exercised.
+    mean, std = jax_actor(jnp.asarray(batch["obs"]))
+    shift = np.where((np.arange(B) % 3 == 0)[:, None], 1.5, 0.01).astype(np.float32)
+    batch["old_mean"] = np.asarray(mean) + shift
+    batch["old_std"] = np.asarray(std) * 0.9
+    return jax_actor, jax_critic, torch_actor, torch_critic, batch
+
+
+def test_initialisation_family_matches_flax():
+    """LeCun-normal truncated at 2 std with Flax's rescaling: same spread, same bound."""
+    torch.manual_seed(0)
+    torch_weight = rt.lecun_normal_(torch.nn.Linear(400, 300)).weight.detach().numpy()
+    jax_kernel = np.asarray(nnx.Linear(400, 300, rngs=nnx.Rngs(0)).kernel.get_value())
+    bound = 2.0 / np.sqrt(400) / 0.87962566103423978
+    for weights in (torch_weight, jax_kernel):
+        assert abs(weights.std() * np.sqrt(400) - 1.0) < 0.01
+        assert np.abs(weights).max() <= bound + 1e-6
+        assert np.abs(weights).max() > 0.98 * bound
+    assert (rt.lecun_normal_(torch.nn.Linear(5, 4)).bias == 0).all()
+
+
+def test_network_outputs_agree(nets):
+    jax_actor, jax_critic, torch_actor, torch_critic, batch = nets
+    obs, action = batch["obs"], batch["action"]
+    mean, std = jax_actor(jnp.asarray(obs))
+    torch_mean, torch_std = torch_actor(t(obs))
+    close(torch_mean, mean)
+    close(torch_std, std)
+    logits, features = jax_critic(jnp.asarray(obs), jnp.asarray(action))
+    torch_logits, torch_features = torch_critic(t(obs), t(action))
+    close(torch_logits, logits, atol=1e-4)
+    close(torch_features, features)
+    reward_pred, next_pred = jax_critic.aux(features)
+    torch_reward_pred, torch_next_pred = torch_critic.aux(torch_features)
+    close(torch_reward_pred, reward_pred)
+    close(torch_next_pred, next_pred)
+    close(rt.q_value(torch_logits, VMIN, VMAX), rj.q_value(logits, VMIN, VMAX), atol=1e-4)
+
+
+def test_fresh_critics_have_the_same_zero_offset():
+    jax_critic = rj.Critic(OBS, ACT, HIDDEN, BINS, VMIN, VMAX, nnx.Rngs(0))
+    torch_critic = rt.Critic(OBS, ACT, HIDDEN, BINS, VMIN, VMAX)
+    close(torch_critic.zero_dist, jax_critic.zero_dist.get_value(), atol=1e-6)
+
+
+def test_math_functions_agree():
+    rng = np.random.default_rng(4)
+    values = rng.uniform(-20, 60, size=(5, 9)).astype(np.float32)
+    close(rt.hl_gauss(t(values), BINS, VMIN, VMAX), rj.hl_gauss(jnp.asarray(values), BINS, VMIN, VMAX), atol=1e-6)
+    mean = rng.normal(size=(40, ACT)).astype(np.float32)
+    std = rng.uniform(0.1, 2.0, size=(40, ACT)).astype(np.float32)
+    noise = rng.normal(size=(40, ACT)).astype(np.float32)
+    action = np.tanh(mean + std * noise * 3).astype(np.float32)  # includes |a| near 1 (clipped)
+    close(rt.tanh_normal_log_prob(t(action), t(mean), t(std)), rj.tanh_normal_log_prob(action, mean, std), atol=1e-4)
+    sample, log_prob = rt.sample_tanh_normal(t(mean), t(std), t(noise))
+    jax_sample, jax_log_prob = rj.sample_tanh_normal(mean, std, noise)
+    close(sample, jax_sample)
+    close(log_prob, jax_log_prob, atol=1e-4)
+    kl_noise = rng.normal(size=(M, 40, ACT)).astype(np.float32)
+    mean2, std2 = mean + 0.3, std * 1.2
+    close(rt.policy_kl(t(mean), t(std), t(mean2), t(std2), t(kl_noise)), rj.policy_kl(mean, std, mean2, std2, kl_noise))
+    T, N = 16, 6
+    reward, value = rng.normal(size=(T, N)).astype(np.float32), rng.normal(size=(T, N)).astype(np.float32)
+    term = (rng.random((T, N)) < 0.1).astype(np.float32)
+    trunc = ((rng.random((T, N)) < 0.1) * (1 - term)).astype(np.float32)
+    close(
+        rt.soft_lambda_returns(t(reward), t(value), t(term), t(trunc), 0.97, 0.9),
+        rj.soft_lambda_returns(reward, value, term, trunc, 0.97, 0.9),
+    )
+    batches = [rng.normal(2.0, 3.0, size=(n, OBS)).astype(np.float32) for n in (7, 50, 1)]
+    torch_state, jax_state = rt.normalizer_init(OBS), rj.normalizer_init(OBS)
+    for batch in batches:
+        torch_state = rt.normalizer_update(torch_state, t(batch))
+        jax_state = rj.normalizer_update(jax_state, jnp.asarray(batch))
+    for a, b in zip(torch_state, jax_state):
+        close(a, b, rtol=1e-5)
+    close(rt.normalize(torch_state, t(batches[0])), rj.normalize(jax_state, jnp.asarray(batches[0])), atol=1e-5)
+
+
+def jax_critic_objective(graph, params, batch, aux_coef=0.7):
+    return rj.critic_loss(
+        nnx.merge(graph, params),
+        *(jnp.asarray(batch[k]) for k in ("obs", "action", "target_return", "next_features", "reward", "terminated")),
+        VMIN,
+        VMAX,
+        aux_coef,
+    )
+
+
+def torch_critic_objective(critic, batch, aux_coef=0.7):
+    keys = ("obs", "action", "target_return", "next_features", "reward", "terminated")
+    return rt.critic_loss(critic, *(t(batch[k]) for k in keys), VMIN, VMAX, aux_coef)
+
+
+def jax_actor_objective(graph, variables, critic, batch, kl_bound=0.1, entropy_target=-1.5):
+    params, log_alpha, log_beta = variables
+    keys = ("obs", "old_mean", "old_std", "action_noise", "kl_noise")
+    return rj.actor_loss(
+        nnx.merge(graph, params), log_alpha, log_beta, critic, *(jnp.asarray(batch[k]) for k in keys),
+        kl_bound, entropy_target, VMIN, VMAX,
+    )  # fmt: skip
+
+
+def torch_actor_objective(actor, log_alpha, log_beta, critic, batch, kl_bound=0.1, entropy_target=-1.5):
+    keys = ("obs", "old_mean", "old_std", "action_noise", "kl_noise")
+    return rt.actor_loss(
+        actor, log_alpha, log_beta, critic, *(t(batch[k]) for k in keys), kl_bound, entropy_target, VMIN, VMAX
+    )
+
+
+def compare_grads(jax_grads, torch_module, torch_grads, rtol=2e-4):
+    """Compare nnx-state-shaped JAX gradients with torch gradients, by parameter name."""
+    by_name = dict(zip([n for n, _ in torch_module.named_parameters()], torch_grads))
+    flat = nnx.to_flat_state(jax_grads)
+    assert len(flat) == len(by_name)
+    for path, variable in flat:
+        name, transpose = torch_name(path)
+        want = np.asarray(variable.get_value())
+        want = want.T if transpose else want
+        scale = np.abs(want).max() + 1e-8
+        np.testing.assert_allclose(by_name[name].numpy(), want, rtol=rtol, atol=2e-5 * scale, err_msg=name)
+
+
+def test_critic_loss_and_gradients_agree(nets):
+    _, jax_critic, _, torch_critic, batch = nets
+    graph, params = nnx.split(jax_critic, nnx.Param)
+    (loss, info), grads = jax.value_and_grad(lambda p: jax_critic_objective(graph, p, batch), has_aux=True)(params)
+    torch_loss, torch_info = torch_critic_objective(torch_critic, batch)
+    close(torch_loss, loss, rtol=1e-5)
+    assert set(torch_info) == set(info)
+    for name in info:
+        close(torch_info[name], info[name], rtol=1e-5, atol=1e-4)
+    assert float(info["losses/aux_loss"]) > 0 and float(info["losses/critic_ce"]) > 0
+    torch_grads = torch.autograd.grad(torch_loss, list(torch_critic.parameters()))
+    compare_grads(grads, torch_critic, torch_grads)
+
+
+def test_actor_alpha_beta_losses_and_gradients_agree(nets):
+    jax_actor, jax_critic, torch_actor, torch_critic, batch = nets
+    graph, params = nnx.split(jax_actor, nnx.Param)
+    log_alpha, log_beta = jnp.log(jnp.float32(0.05)), jnp.log(jnp.float32(2.0))
+    variables = (params, log_alpha, log_beta)
+    (loss, info), grads = jax.value_and_grad(lambda v: jax_actor_objective(graph, v, jax_critic, batch), has_aux=True)(
+        variables
+    )
+    torch_log_alpha = torch.tensor(float(log_alpha), requires_grad=True)
+    torch_log_beta = torch.tensor(float(log_beta), requires_grad=True)
+    torch_loss, torch_info = torch_actor_objective(torch_actor, torch_log_alpha, torch_log_beta, torch_critic, batch)
+    assert 0.0 < float(info["policy/kl_outside_frac"]) < 1.0  # both branches present
+    close(torch_loss, loss, rtol=1e-5, atol=1e-5)
+    assert set(torch_info) == set(info)
+    for name in info:
+        close(torch_info[name], info[name], rtol=1e-5, atol=1e-5)
+    torch_params = list(torch_actor.parameters())
+    torch_grads = torch.autograd.grad(torch_loss, torch_params + [torch_log_alpha, torch_log_beta])
+    compare_grads(grads[0], torch_actor, torch_grads[:-2])
+    close(torch_grads[-2], grads[1], rtol=1e-5, atol=1e-6)  # d/d log_alpha (the alpha loss)
+    close(torch_grads[-1], grads[2], rtol=1e-5, atol=1e-6)  # d/d log_beta (the beta loss)
+
+
+def test_one_clipped_adam_step_agrees(nets):
+    """The optimiser step both files take: global-norm clipping 0.5, then Adam 3e-4."""
+    _, jax_critic, _, torch_critic, batch = nets
+    graph, params = nnx.split(jax_critic, nnx.Param)
+    tx = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(3e-4))
+    grads, _ = jax.grad(lambda p: jax_critic_objective(graph, p, batch), has_aux=True)(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new_params = optax.apply_updates(params, updates)
+
+    critic = rt.Critic(OBS, ACT, HIDDEN, BINS, VMIN, VMAX)
+    critic.load_state_dict(torch_critic.state_dict())
+    torch_params = list(critic.parameters())
+    optimizer = torch.optim.Adam(torch_params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8)
+    loss, _ = torch_critic_objective(critic, batch)
+    torch_grads = list(torch.autograd.grad(loss, torch_params))
+    norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in torch_grads])))
+    assert norm > 0.5  # clipping is active
+    rt.clip_grad_norm(torch_grads, 0.5)
+    for param, grad in zip(torch_params, torch_grads):
+        param.grad = grad
+    optimizer.step()
+    compare_grads(new_params, critic, [p.detach() for p in torch_params], rtol=1e-5)
