@@ -484,9 +484,7 @@ def soft_lambda_returns(
     return returns
 
 
-def policy_kl(
-    old_mean: jax.Array, old_std: jax.Array, mean: jax.Array, std: jax.Array, noise: jax.Array
-) -> jax.Array:
+def policy_kl(old_mean: jax.Array, old_std: jax.Array, mean: jax.Array, std: jax.Array, noise: jax.Array) -> jax.Array:
     """Monte Carlo forward KL(pi_old || pi) per state (SPEC section 8).
 
     KL ~= 1/M sum_m [ log pi_old(a_m|s) - log pi(a_m|s) ],  a_m = clip(tanh(u_m), +-(1-1e-4)),
@@ -1302,9 +1300,7 @@ def train(args: Args) -> str:
             global_step = iteration * batch_size
             returns = runner.evaluate(state)
             sps = train_steps / train_seconds
-            rows = [
-                {**_train_row(metrics, s, sps), **_eval_row(args, s, returns[s])} for s in range(args.num_seeds)
-            ]
+            rows = [{**_train_row(metrics, s, sps), **_eval_row(args, s, returns[s])} for s in range(args.num_seeds)]
             logger.log(global_step, rows)
             logger.progress(global_step, sps, float(returns.mean()))
             if args.save_model:
@@ -1335,9 +1331,9 @@ def _train_row(metrics: dict[str, np.ndarray], seed_index: int, sps: float) -> d
     """Average a chunk's per-iteration metrics of one seed into one row."""
     row = {k: float(np.mean(v[seed_index])) for k, v in metrics.items() if not k.startswith("charts/episode")}
     episodes = float(np.sum(metrics["charts/episodes"][seed_index]))
-    nan = float("nan")
-    row["charts/episodic_return"] = float(np.sum(metrics["charts/episode_return_sum"][seed_index])) / episodes if episodes else nan
-    row["charts/episodic_length"] = float(np.sum(metrics["charts/episode_length_sum"][seed_index])) / episodes if episodes else nan
+    for name in ["return", "length"]:  # NaN where no complete episode ended in the chunk
+        total = float(np.sum(metrics[f"charts/episode_{name}_sum"][seed_index]))
+        row[f"charts/episodic_{name}"] = total / episodes if episodes else float("nan")
     row["charts/SPS"] = sps
     return row
 

@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import reppo_jax as rj
-from conftest import ROOT
 
 TINY = [
     "--env-id", "CartpoleBalance", "--preset", "cpu", "--num-envs", "8", "--num-steps", "8",

@@ -30,8 +30,19 @@ def loss_and_grads(actor, critic, obs, old_mean, old_std, action_noise, kl_noise
     def objective(variables):
         p, la, lb = variables
         return rj.actor_loss(
-            nnx.merge(graph, p), la, lb, critic, obs, old_mean, old_std, action_noise, kl_noise, kl_bound, -1.5,
-            VMIN, VMAX,
+            nnx.merge(graph, p),
+            la,
+            lb,
+            critic,
+            obs,
+            old_mean,
+            old_std,
+            action_noise,
+            kl_noise,
+            kl_bound,
+            -1.5,
+            VMIN,
+            VMAX,
         )
 
     (loss, info), grads = jax.value_and_grad(objective, has_aux=True)((params, log_alpha, log_beta))
@@ -83,10 +94,21 @@ def test_temperature_falls_when_entropy_is_above_target_and_rises_below(setup):
     for target, direction in [(-50.0, -1), (50.0, +1)]:
         graph, params = nnx.split(actor)
 
-        def objective(la):
+        def objective(la, graph=graph, params=params, target=target):
             loss, info = rj.actor_loss(
-                nnx.merge(graph, params), la, jnp.log(1.0), critic, obs, mean, std, action_noise, kl_noise, 0.1,
-                target, VMIN, VMAX,
+                nnx.merge(graph, params),
+                la,
+                jnp.log(1.0),
+                critic,
+                obs,
+                mean,
+                std,
+                action_noise,
+                kl_noise,
+                0.1,
+                target,
+                VMIN,
+                VMAX,
             )
             return loss
 

@@ -40,7 +40,7 @@ def test_hl_gauss_matches_numerical_integration_of_the_density():
     for x in [-4.3, -0.77, 0.0, 1.234, 4.9]:
         edges = vmin - width / 2 + width * np.arange(num_bins + 1)
         reference = np.array(
-            [integrate.quad(lambda y: stats.norm.pdf(y, x, sigma), lo, hi)[0] for lo, hi in zip(edges[:-1], edges[1:])]
+            [integrate.quad(stats.norm.pdf, lo, hi, args=(x, sigma))[0] for lo, hi in zip(edges[:-1], edges[1:])]
         )
         reference /= reference.sum()
         probs = np.asarray(rj.hl_gauss(jnp.float32(x), num_bins, vmin, vmax))
@@ -116,7 +116,7 @@ def lambda_mixture(reward, value, term, trunc, gamma, lmbda):
                     horizon = k - t + 1
                     break
 
-            def n_step(n):
+            def n_step(n, t=t, n_env=n_env):
                 ret = sum(gamma**k * reward[t + k, n_env] for k in range(n))
                 last = t + n - 1
                 if not term[last, n_env]:
