@@ -1181,15 +1181,21 @@ class Runner:
         dummy = {name: np.ones((1, 1)) for name in self._chunks[num_iterations].out_info[1]}
         return list(_train_row(dummy, 0, 0.0)) + list(_eval_row(self.args, 0, np.zeros(1)))
 
-    def evaluate(self, state: TrainState) -> np.ndarray:
-        """Evaluation returns (num_seeds, num_eval_envs) with fresh keys derived from the
-        seed and the iteration (so a resumed run evaluates exactly like an unbroken one)."""
-        keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.fold_in(k, 0xE7A1), i))(
+    def _eval_keys(self, state: TrainState) -> jax.Array:
+        """Fresh evaluation keys derived from the seed and the iteration, so that a resumed
+        run evaluates exactly like an unbroken one."""
+        return jax.vmap(lambda k, i: jax.random.fold_in(jax.random.fold_in(k, 0xE7A1), i))(
             self.seed_keys, state.iteration
         )
+
+    def compile_evaluate(self, state: TrainState) -> None:
         if "evaluate" not in self._chunks:
-            self._chunks["evaluate"] = self._compiled(jax.vmap(self.agent.evaluate), state, keys)
-        return np.asarray(self._chunks["evaluate"](state, keys))
+            self._chunks["evaluate"] = self._compiled(jax.vmap(self.agent.evaluate), state, self._eval_keys(state))
+
+    def evaluate(self, state: TrainState) -> np.ndarray:
+        """Evaluation returns, shaped (num_seeds, num_eval_envs)."""
+        self.compile_evaluate(state)
+        return np.asarray(self._chunks["evaluate"](state, self._eval_keys(state)))
 
 
 def chunk_length(iteration: int, num_iterations: int, log_interval: int) -> int:
@@ -1280,6 +1286,8 @@ def train(args: Args) -> str:
         if iteration == 0:  # the untrained policy, so curves start at step 0
             returns = runner.evaluate(state)
             logger.log(0, [_eval_row(args, s, returns[s]) for s in range(args.num_seeds)])
+        runner.compile_evaluate(state)  # already done where step 0 was evaluated
+        logger.write(f"compiled in {runner.compile_seconds:.1f} s (not counted in SPS)")
         while iteration < num_iterations:
             chunk = chunk_length(iteration, num_iterations, args.log_interval)
             runner.compile_chunk(state, chunk)
