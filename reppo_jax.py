@@ -208,7 +208,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 def resolve_args(args: Args) -> Args:
     """Fill suite defaults and check derived sizes, with a clear message on bad input."""
-    if args.env_id not in DM_CONTROL_ENVS:
+    if args.env_id not in dm_control_envs():
         raise UserError(unsupported_env_message(args.env_id))
     filled = {k: v for k, v in DM_CONTROL_DEFAULTS.items() if getattr(args, k) is None}
     args = dataclasses.replace(args, **filled)
@@ -238,30 +238,17 @@ def resolve_args(args: Args) -> Args:
 # ======================================================================================
 
 
-def _dm_control_envs() -> tuple[str, ...]:
+def dm_control_envs() -> tuple[str, ...]:
+    """The MuJoCo Playground DM Control task names (all of them work offline)."""
     from mujoco_playground import registry
 
     return tuple(registry.dm_control_suite.ALL_ENVS)
 
 
-class _LazyEnvList:
-    """The DM Control task names, read from Playground the first time they are needed
-    (so that importing this file does no work)."""
-
-    def __contains__(self, name: object) -> bool:
-        return name in _dm_control_envs()
-
-    def __iter__(self):
-        return iter(_dm_control_envs())
-
-
-DM_CONTROL_ENVS = _LazyEnvList()
-
-
 def unsupported_env_message(env_id: str) -> str:
     from mujoco_playground import registry
 
-    valid = ", ".join(sorted(DM_CONTROL_ENVS))
+    valid = ", ".join(sorted(dm_control_envs()))
     if env_id in registry.ALL_ENVS:
         return (
             f"'{env_id}' is a MuJoCo Playground locomotion/manipulation task. This file supports "
