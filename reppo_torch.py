@@ -42,6 +42,7 @@ written in JAX) and its arrays cross to PyTorch without a copy through DLPack.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -173,6 +174,9 @@ class Args:
     """torch.compile the two losses (their forward and backward graphs)"""
     fused_adam: bool = False
     """CUDA only: Adam's fused kernel (the same update rule in one kernel launch)"""
+    torch_threads: int = 1
+    """CPU threads of PyTorch's own kernels; 0 keeps PyTorch's default (one per core). 1 because on
+    a small, shared CPU two OpenMP threads beside JAX's or SAPIEN's threads ran 10-70x slower (measured)"""
 
     # --- logging ----------------------------------------------------------------------
     log_interval: int = 10
@@ -1058,6 +1062,8 @@ class Trainer:
         self.args = args
         self.seed = seed
         self.device = device
+        if args.torch_threads > 0 and device.type == "cpu":
+            torch.set_num_threads(args.torch_threads)
         # One generator drives every random number of training (actions, permutations,
         # noise of the losses), so that one --seed reproduces a run and resuming continues it.
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -1450,12 +1456,10 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def first_nonfinite(metrics: dict[str, float]) -> str | None:
-    """Name of the first NaN/inf metric of an iteration, else None."""
-    for name, value in metrics.items():
-        if not math.isfinite(value):
-            return name
-    return None
+def first_nonfinite(metrics: dict[str, float]) -> list[str] | None:
+    """Names of the NaN/inf metrics of an iteration (losses first), else None."""
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    return sorted(bad, key=lambda n: (not n.startswith("losses/"), n)) or None
 
 
 # ======================================================================================
@@ -1519,7 +1523,7 @@ def metric_names(trainer: Trainer) -> list[str]:
     names = ["losses/critic_loss", "losses/critic_ce", "losses/aux_loss", "values/q_mean"]
     names += ["losses/actor_loss", "losses/alpha_loss", "losses/beta_loss", "policy/kl", "policy/kl_outside_frac"]
     names += ["policy/entropy", "policy/alpha", "policy/beta", "policy/std", "values/target_return_mean"]
-    names += ["values/next_value_mean", "values/soft_reward_mean", "values/reward_mean", "charts/episodes"]
+    names += ["values/next_value_mean", "values/soft_reward_mean", "values/reward_mean"]
     names += ["charts/episodic_return", "charts/episodic_length", "charts/SPS"]
     names += ["eval/episodic_return", "eval/episodic_return_std"]
     if trainer.env.suite == "maniskill":
@@ -1536,22 +1540,34 @@ def describe_device(args: Args, trainer: Trainer, device: torch.device) -> str:
     return f"MuJoCo Playground {args.env_id} (JAX, impl={args.impl}) with {args.num_envs} envs; networks on {device}"
 
 
+def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
+    """--resume and --eval-only take the checkpoint's own arguments (so that networks, env
+    and sizes match it); a resumed run may extend --total-timesteps and an evaluation may
+    change --num-eval-envs when those flags are given (the same rule as reppo_jax.py)."""
+    saved = dataclasses.replace(Args(), **read_checkpoint(args.resume or args.checkpoint)["args"])
+    overrides = {"resume": args.resume, "checkpoint": args.checkpoint, "eval_only": args.eval_only}
+    overrides["progress"] = args.progress
+    for flag in ["total_timesteps", "num_eval_envs", "device", "torch_threads"]:
+        cli_flag = "--" + flag.replace("_", "-")
+        if any(token == cli_flag or token.startswith(cli_flag + "=") for token in argv):
+            overrides[flag] = getattr(args, flag)
+    return dataclasses.replace(saved, **overrides)
+
+
 def run_eval_only(args: Args) -> None:
-    if args.checkpoint is None:
-        raise UserError("--eval-only needs --checkpoint PATH")
     payload = read_checkpoint(args.checkpoint)
-    saved = dataclasses.replace(Args(), **payload["args"])
-    saved = dataclasses.replace(saved, num_eval_envs=args.num_eval_envs, device=args.device)
-    saved = resolve_args(saved)
-    device = torch_device(saved)
-    # Evaluation needs no training envs: build a Trainer around a 1-env stand-in.
+    device = torch_device(args)
+    # Evaluation needs no training envs: the evaluation envs stand in for them.
+    is_cuda_or_playground = device.type == "cuda" or env_suite(args.env_id) == "dm_control"
+    eval_env = make_env(args, args.num_eval_envs if is_cuda_or_playground else 1, args.seed + 10_000, device)
     trainer = Trainer(
-        dataclasses.replace(saved, num_envs=1), saved.seed, device, env=make_env(saved, 1, saved.seed, device)
+        dataclasses.replace(args, num_envs=eval_env.num_envs), args.seed, device, env=eval_env, build_eval_env=False
     )
+    trainer.eval_env = eval_env
     trainer.load_state_dict(payload["trainer"], with_env=False)
-    row = eval_rows(saved, trainer)
+    row = eval_rows(args, trainer)
     line = (
-        f"eval seed={saved.seed} step={payload['global_step']} "
+        f"eval seed={args.seed} step={payload['global_step']} "
         f"episodic_return={row['eval/episodic_return']:.2f} +- {row['eval/episodic_return_std']:.2f} "
         f"over {args.num_eval_envs} episodes"
     )
@@ -1568,13 +1584,8 @@ def train(args: Args) -> str:
     """Train (or resume) one seed's run; returns the run folder."""
     start_step = 0
     payload = None
-    if args.resume is not None:
+    if args.resume is not None:  # continue in the checkpoint's own run folder
         payload = read_checkpoint(args.resume)
-        saved = dataclasses.replace(Args(), **payload["args"])
-        explicit_total = any(a.startswith("--total-timesteps") for a in sys.argv[1:])
-        total = args.total_timesteps if explicit_total else saved.total_timesteps
-        args = dataclasses.replace(saved, total_timesteps=total, resume=args.resume, progress=args.progress)
-        args = resolve_args(args)
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         run_name = os.path.basename(run_dir)
         start_step = payload["global_step"]
@@ -1598,6 +1609,7 @@ def train(args: Args) -> str:
     warmed_up = False  # the first iteration of a process (JAX compilation, allocator warm-up) is not timed
     metrics: list[dict[str, float]] = []
     eval_return = float("nan")
+    last_finite = None
     # Ctrl-C: the first one lets the running iteration finish and then saves a clean
     # checkpoint of the last completed iteration (so --resume continues exactly); a second
     # Ctrl-C stops at once.
@@ -1611,6 +1623,8 @@ def train(args: Args) -> str:
             if interrupted["flag"]:
                 interrupted["clean"] = True  # stopped between iterations
                 raise KeyboardInterrupt
+            if args.save_model or args.resume:  # kept to be saved if this iteration goes non-finite
+                last_finite = copy.deepcopy(trainer.state_dict())
             start = time.perf_counter()
             iteration_metrics = trainer.train_iteration()
             if device.type == "cuda":
@@ -1621,10 +1635,12 @@ def train(args: Args) -> str:
             warmed_up = True
             bad = first_nonfinite(iteration_metrics)
             if bad is not None:
-                raise UserError(
-                    f"non-finite {bad} at iteration {iteration + 1}; stopped"
-                    + (f". The last checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else "")
-                )
+                message = f"non-finite {', '.join(bad)} at iteration {iteration + 1}; stopped"
+                if last_finite is not None:
+                    trainer.load_state_dict(last_finite)
+                    save_checkpoint(checkpoint_path, trainer, args, iteration * batch_size)
+                    message += f". The last finite state (iteration {iteration}) is in {checkpoint_path}"
+                raise UserError(message)
             metrics.append(iteration_metrics)
             iteration += 1
             global_step = iteration * batch_size
@@ -1695,8 +1711,14 @@ def restore_interrupt_handler() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = resolve_args(parse_args(argv))
+        args = parse_args(argv)
+        if args.eval_only and args.checkpoint is None:
+            raise UserError("--eval-only needs --checkpoint PATH")
+        if args.resume is not None or args.eval_only:
+            args = args_from_checkpoint(args, argv)
+        args = resolve_args(args)
         if args.eval_only:
             run_eval_only(args)
         elif args.resume is not None:

@@ -1,0 +1,169 @@
+"""The command line of reppo_torch.py: tiny real runs, checkpoints, resume and bad input
+(the same checks as tests/test_cli_jax.py, on the Playground bridge)."""
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+import reppo_torch as rt
+
+TINY = [
+    "--env-id", "CartpoleBalance", "--preset", "cpu", "--num-envs", "8", "--num-steps", "8",
+    "--num-mini-batches", "2", "--num-epochs", "1", "--actor-hidden", "32", "--critic-hidden", "32",
+    "--episode-length", "50", "--num-eval-envs", "2", "--log-interval", "2", "--no-progress",
+]  # fmt: skip
+BATCH = 8 * 8
+
+
+def run_cli(*argv, check=True):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "reppo_torch.py"), *argv],
+        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def only_run(runs_dir):
+    (run_dir,) = glob.glob(os.path.join(runs_dir, "*"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """4 iterations in one go, logged every 2, with checkpoints."""
+    runs = tmp_path_factory.mktemp("full")
+    run_cli(*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(runs), "--save-model", "--seed", "3")
+    return only_run(runs)
+
+
+def test_help_lists_the_flags():
+    result = run_cli("--help")
+    for flag in ["--env-id", "--num-seeds", "--preset", "--resume", "--eval-only", "--track", "--compile"]:
+        assert flag in result.stdout
+
+
+def test_preset_cpu_changes_the_defaults_and_flags_still_win():
+    args = rt.parse_args(["--preset", "cpu"])
+    assert (args.num_envs, args.num_mini_batches, args.actor_hidden, args.critic_hidden) == (64, 4, 256, 256)
+    assert (args.num_steps, args.num_epochs, args.kl_bound) == (32, 8, 0.1)
+    assert rt.parse_args(["--preset", "cpu", "--num-envs", "32"]).num_envs == 32
+    paper = rt.parse_args([])
+    assert (paper.num_envs, paper.num_mini_batches, paper.critic_hidden) == (1024, 16, 512)
+
+
+def test_same_args_fields_as_the_jax_file():
+    import dataclasses
+
+    import reppo_jax as rj
+
+    jax_fields = {f.name for f in dataclasses.fields(rj.Args)}
+    torch_fields = {f.name for f in dataclasses.fields(rt.Args)}
+    assert jax_fields <= torch_fields  # the torch file adds only its speed switches and control_mode
+    assert torch_fields - jax_fields == {"device", "compile", "fused_adam", "torch_threads", "control_mode"}
+
+
+def test_tiny_run_writes_args_metrics_and_checkpoint(full_run):
+    with open(os.path.join(full_run, "args.json")) as f:
+        record = json.load(f)
+    assert record["args"]["env_id"] == "CartpoleBalance" and record["args"]["vmax"] == 150.0
+    assert record["torch_device"] == "cpu" and record["versions"]["torch"] != "not installed"
+    rows = read_metrics(full_run)
+    assert [int(r["global_step"]) for r in rows] == [0, 2 * BATCH, 4 * BATCH]
+    for column in ["seed", "eval/episodic_return", "charts/SPS", "losses/critic_loss", "losses/actor_loss",
+                   "policy/kl", "policy/entropy", "policy/alpha", "policy/beta", "charts/episodic_return"]:  # fmt: skip
+        assert column in rows[0]
+    for row in rows[1:]:
+        assert np.isfinite(float(row["losses/critic_loss"])) and float(row["charts/SPS"]) > 0
+        assert 0 < float(row["eval/episodic_return"]) <= 50  # at most 1 per step, 50 steps
+    payload = torch.load(os.path.join(full_run, "checkpoint.pt"), weights_only=True)
+    assert payload["global_step"] == 4 * BATCH and payload["args"]["seed"] == 3
+    state = payload["trainer"]
+    for key in ["actor", "critic", "actor_opt", "critic_opt", "log_alpha", "log_beta", "normalizer", "generator"]:
+        assert key in state
+    assert state["iteration"] == 4 and float(state["normalizer"]["count"]) == 4 * BATCH
+
+
+def test_eval_only_evaluates_the_checkpoint(full_run):
+    result = run_cli("--eval-only", "--checkpoint", os.path.join(full_run, "checkpoint.pt"), "--num-eval-envs", "3")
+    assert "eval seed=3" in result.stdout and "over 3 episodes" in result.stdout
+
+
+def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
+    run_cli(*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path), "--save-model", "--seed", "3")
+    half = only_run(tmp_path)
+    result = run_cli("--resume", os.path.join(half, "checkpoint.pt"), "--total-timesteps", str(4 * BATCH))
+    assert result.returncode == 0
+    resumed, unbroken = read_metrics(half), read_metrics(full_run)
+    assert [r["global_step"] for r in resumed] == [r["global_step"] for r in unbroken]
+    for a, b in zip(resumed, unbroken):
+        for column in a:
+            if column not in ("charts/SPS",) and a[column] != "":
+                np.testing.assert_allclose(float(a[column]), float(b[column]), rtol=1e-5, atol=1e-6, err_msg=column)
+    resumed_state = torch.load(os.path.join(half, "checkpoint.pt"), weights_only=True)["trainer"]
+    unbroken_state = torch.load(os.path.join(full_run, "checkpoint.pt"), weights_only=True)["trainer"]
+    for name, value in unbroken_state["actor"].items():
+        torch.testing.assert_close(resumed_state["actor"][name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--env-id", "CheetahRunn"], "unknown --env-id 'CheetahRunn'. Valid DM Control tasks: AcrobotSwingup"),
+        (["--env-id", "PickCube-v9"], "Valid ManiSkill3 tasks:"),
+        (["--env-id", "Go1JoystickFlatTerrain"], "downloaded from the internet"),
+        (["--env-id", "PickSingleYCB-v1"], "needs assets that are not downloaded: ycb"),
+        (["--num-envs", "10", "--num-steps", "3", "--num-mini-batches", "4"], "10 * 3 = 30 is not divisible by"),
+        (["--eval-only"], "--eval-only needs --checkpoint PATH"),
+        (["--resume", "/nonexistent/checkpoint.pt"], "does not exist"),
+        (["--total-timesteps", "10"], "smaller than one iteration"),
+    ],
+)
+def test_bad_input_gives_a_clear_message_and_exit_code_2(argv, message, capsys):
+    assert rt.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_input_from_the_shell_has_no_traceback():
+    result = run_cli("--env-id", "CheetahRunn", check=False)
+    assert result.returncode == 2 and "unknown --env-id" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
+    real_critic_loss = rt.critic_loss
+
+    def poisoned(*args, **kwargs):
+        loss, info = real_critic_loss(*args, **kwargs)
+        return loss * float("nan"), {**info, "losses/critic_loss": loss.detach() * float("nan")}
+
+    monkeypatch.setattr(rt, "critic_loss", poisoned)
+    code = rt.main([*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path), "--save-model"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "non-finite losses/" in err and "losses/critic_loss" in err and "at iteration 1;" in err
+    payload = torch.load(os.path.join(only_run(tmp_path), "checkpoint.pt"), weights_only=True)
+    assert payload["global_step"] == 0
+    for module in ("actor", "critic"):
+        assert all(torch.isfinite(v).all() for v in payload["trainer"][module].values())
+
+
+def test_num_seeds_runs_each_seed_in_its_own_folder(tmp_path):
+    assert rt.main([*TINY, "--total-timesteps", str(BATCH), "--runs-dir", str(tmp_path), "--num-seeds", "2"]) == 0
+    folders = sorted(glob.glob(os.path.join(tmp_path, "*")))
+    assert [f.split("__")[2] for f in folders] == ["1", "2"]
+    assert [read_metrics(f)[-1]["seed"] for f in folders] == ["1", "2"]
