@@ -597,7 +597,7 @@ class ManiSkillEnv:
 
     def reset(self, randomize_steps: bool, key: int | None = None) -> torch.Tensor:
         # Fresh seeds for every full reset: seed * 1_000_003 + counter (or an explicit one).
-        seed = key if key is not None else self.seed * 1_000_003 + self.resets
+        seed = (key if key is not None else self.seed * 1_000_003 + self.resets) % 2**31  # numpy's seed range
         self.resets += 1
         obs, _ = self.env.reset(seed=seed)
         if randomize_steps:

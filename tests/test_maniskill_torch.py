@@ -53,7 +53,7 @@ TINY = [
 
 def test_partial_reset_hands_back_the_true_final_observation():
     require_maniskill()
-    args = rt.resolve_args(rt.Args(env_id="PushCube-v1", episode_length=5, num_envs=1, num_steps=5))
+    args = rt.resolve_args(rt.Args(env_id="PushCube-v1", episode_length=5, num_envs=1, num_steps=16))
     assert (args.vmin, args.vmax) == (-15.0, 15.0) and abs(args.gamma - (1 - 10 / 5)) < 1e-9
     env = rt.ManiSkillEnv(args, 1, seed=0, device=torch.device("cpu"))
     obs = env.reset(randomize_steps=False)
