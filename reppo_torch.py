@@ -440,10 +440,16 @@ def jax_to_torch(array, device: torch.device) -> torch.Tensor:
 
 
 def torch_to_jax(tensor: torch.Tensor):
-    """Zero-copy view of a (CPU) torch tensor as a JAX array (DLPack)."""
+    """Zero-copy view of a torch tensor as a JAX array (DLPack) when both live on the same
+    kind of device; otherwise one copy through host memory to JAX's default device."""
+    import jax
     import jax.numpy as jnp
 
-    return jnp.from_dlpack(tensor.detach().to("cpu").contiguous())
+    device = jax.devices()[0]
+    tensor = tensor.detach().contiguous()
+    if (tensor.device.type == "cuda") == (device.platform == "gpu"):
+        return jnp.from_dlpack(tensor)
+    return jax.device_put(jnp.from_dlpack(tensor.cpu()), device)
 
 
 class PlaygroundEnv:

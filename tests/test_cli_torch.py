@@ -47,7 +47,8 @@ def only_run(runs_dir):
 def full_run(tmp_path_factory):
     """4 iterations in one go, logged every 2, with checkpoints."""
     runs = tmp_path_factory.mktemp("full")
-    run_cli(*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(runs), "--save-model", "--seed", "3")
+    argv = [*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(runs), "--save-model", "--seed", "3"]
+    assert rt.main(argv) == 0  # in-process (the subprocess path is covered by --help and bad input)
     return only_run(runs)
 
 
@@ -98,16 +99,18 @@ def test_tiny_run_writes_args_metrics_and_checkpoint(full_run):
     assert state["iteration"] == 4 and float(state["normalizer"]["count"]) == 4 * BATCH
 
 
-def test_eval_only_evaluates_the_checkpoint(full_run):
-    result = run_cli("--eval-only", "--checkpoint", os.path.join(full_run, "checkpoint.pt"), "--num-eval-envs", "3")
-    assert "eval seed=3" in result.stdout and "over 3 episodes" in result.stdout
+def test_eval_only_evaluates_the_checkpoint(full_run, capsys):
+    checkpoint = os.path.join(full_run, "checkpoint.pt")
+    assert rt.main(["--eval-only", "--checkpoint", checkpoint, "--num-eval-envs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "eval seed=3" in out and "over 3 episodes" in out
 
 
 def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
-    run_cli(*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path), "--save-model", "--seed", "3")
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path), "--save-model", "--seed", "3"]
+    assert rt.main(argv) == 0
     half = only_run(tmp_path)
-    result = run_cli("--resume", os.path.join(half, "checkpoint.pt"), "--total-timesteps", str(4 * BATCH))
-    assert result.returncode == 0
+    assert rt.main(["--resume", os.path.join(half, "checkpoint.pt"), "--total-timesteps", str(4 * BATCH)]) == 0
     resumed, unbroken = read_metrics(half), read_metrics(full_run)
     assert [r["global_step"] for r in resumed] == [r["global_step"] for r in unbroken]
     for a, b in zip(resumed, unbroken):
