@@ -1,0 +1,202 @@
+"""The benchmark scripts' aggregation, tables, significance test, plotting and grid resumption,
+on a synthetic results tree (no training)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import grid  # noqa: E402
+import plot  # noqa: E402
+
+
+def write_curve(path, steps, returns, seconds_per_step=1e-3):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["env_steps", "wall_seconds", "eval_return", "eval_return_std"])
+        for s, r in zip(steps, returns):
+            writer.writerow([int(s), s * seconds_per_step, r, 1.0])
+
+
+STEPS = np.arange(0, 100_001, 10_000)
+
+
+def true_curve(steps):
+    return 1000.0 * steps / steps[-1]  # linear 0 -> 1000
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """reppo_jax: 3 seeds = true curve + (-30, 0, +30); brax_ppo: 3 seeds = half of it + the same
+    offsets; reppo_torch: the reppo_jax curves exactly. Wall time 1 ms per step (2 ms for brax)."""
+    offsets = {1: -30.0, 2: 0.0, 3: 30.0}
+    for seed, off in offsets.items():
+        write_curve(tmp_path / "reppo_jax" / "CartpoleBalance" / f"seed{seed}.csv", STEPS, true_curve(STEPS) + off)
+        write_curve(tmp_path / "reppo_torch" / "CartpoleBalance" / f"seed{seed}.csv", STEPS, true_curve(STEPS) + off)
+        write_curve(
+            tmp_path / "brax_ppo" / "CartpoleBalance" / f"seed{seed}.csv", STEPS, 0.5 * true_curve(STEPS) + off, 2e-3
+        )
+    (tmp_path / "reppo_jax" / "CartpoleBalance" / "seed4.csv.tmp").write_text("unfinished")
+    return tmp_path
+
+
+def test_load_results_reads_finished_csvs_only(tree):
+    results = plot.load_results(str(tree))
+    assert set(results) == {("reppo_jax", "CartpoleBalance"), ("reppo_torch", "CartpoleBalance"),
+                            ("brax_ppo", "CartpoleBalance")}  # fmt: skip
+    assert sorted(results[("reppo_jax", "CartpoleBalance")]) == [1, 2, 3]
+    curve = results[("reppo_jax", "CartpoleBalance")][1]
+    np.testing.assert_allclose(curve["env_steps"], STEPS)
+    np.testing.assert_allclose(curve["eval_return"], true_curve(STEPS) - 30)
+
+
+def test_interpolate_and_no_extrapolation():
+    x, y = np.array([0.0, 10.0, 20.0]), np.array([0.0, 100.0, 50.0])
+    out = plot.interpolate(x, y, np.array([0.0, 5.0, 15.0, 20.0, 25.0]))
+    np.testing.assert_allclose(out[:4], [0.0, 50.0, 75.0, 50.0])
+    assert np.isnan(out[4])
+
+
+def test_aggregate_mean_and_ci(tree):
+    results = plot.load_results(str(tree))
+    curves = list(results[("reppo_jax", "CartpoleBalance")].values())
+    grid_x = plot.common_grid(curves)
+    assert grid_x[0] == 0 and grid_x[-1] == STEPS[-1]
+    agg = plot.aggregate(curves, grid_x)
+    np.testing.assert_allclose(agg["mean"], true_curve(grid_x), atol=1e-9)  # offsets cancel
+    assert np.all(agg["lo"] <= agg["mean"] + 1e-9) and np.all(agg["mean"] <= agg["hi"] + 1e-9)
+    assert np.all(agg["lo"] >= agg["mean"] - 30 - 1e-9) and np.all(agg["hi"] <= agg["mean"] + 30 + 1e-9)
+
+
+def test_common_grid_stops_at_shortest_seed():
+    a = {"env_steps": np.array([0.0, 100.0]), "eval_return": np.array([0.0, 1.0])}
+    b = {"env_steps": np.array([0.0, 60.0]), "eval_return": np.array([0.0, 1.0])}
+    assert plot.common_grid([a, b], num=5)[-1] == 60.0
+
+
+def test_bootstrap_ci_contains_mean_and_shrinks():
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(100.0, 10.0, 5), rng.normal(100.0, 10.0, 500)
+    lo5, hi5 = plot.bootstrap_ci(few)
+    lo500, hi500 = plot.bootstrap_ci(many)
+    assert lo500 < 100.0 < hi500
+    assert lo5 <= few.mean() <= hi5
+    assert (hi500 - lo500) < (hi5 - lo5)
+    lo, hi = plot.bootstrap_ci(np.full(4, 7.0))
+    assert lo == hi == 7.0
+
+
+def test_final_table(tree):
+    rows = {r["impl"]: r for r in plot.final_table(plot.load_results(str(tree)))}
+    assert rows["reppo_jax"]["n"] == 3 and rows["reppo_jax"]["env_steps"] == STEPS[-1]
+    assert rows["reppo_jax"]["mean"] == pytest.approx(1000.0)
+    assert rows["reppo_jax"]["std"] == pytest.approx(30.0)  # sample std of (-30, 0, 30)
+    assert rows["brax_ppo"]["mean"] == pytest.approx(500.0)
+
+
+def test_time_to_threshold(tree):
+    assert plot.time_to_threshold(np.array([0, 1, 2, 3.0]), np.array([0, 10, 20, 30.0]), 15.0) == 2.0
+    assert np.isnan(plot.time_to_threshold(np.array([0, 1.0]), np.array([0, 10.0]), 15.0))
+    rows = {r["impl"]: r for r in plot.threshold_table(plot.load_results(str(tree)), {"CartpoleBalance": 500.0})}
+    # reppo seeds (offsets -30, 0, +30) cross 500 at 53k/50k/47k steps -> first evals at 60k, 50k, 50k; 1 ms per step
+    assert rows["reppo_jax"]["reached"] == 3
+    assert rows["reppo_jax"]["wall_mean"] == pytest.approx((60 + 50 + 50) / 3)
+    assert rows["reppo_jax"]["steps_mean"] == pytest.approx((60_000 + 50_000 + 50_000) / 3)
+    # brax (half the curve, offsets -30, 0, +30) reaches 500 with two seeds, at the last eval (100k steps, 2 ms/step)
+    assert rows["brax_ppo"]["reached"] == 2 and rows["brax_ppo"]["wall_mean"] == pytest.approx(200.0)
+
+
+def test_welch_test_identical_and_different():
+    a = np.array([900.0, 950.0, 1000.0])
+    assert plot.welch_test(a, a.copy())[1] == pytest.approx(1.0)
+    assert plot.welch_test(a, a - 500.0)[1] < 0.01
+    assert plot.welch_test(np.full(3, 5.0), np.full(3, 5.0))[1] == 1.0
+    assert plot.welch_test(np.full(3, 5.0), np.full(3, 6.0))[1] == 0.0
+
+
+def test_compare_implementations(tree, tmp_path):
+    rows = plot.compare_implementations(plot.load_results(str(tree)))
+    assert len(rows) == 1 and rows[0]["indistinguishable"] and rows[0]["p"] == pytest.approx(1.0)
+    # reppo_torch clearly worse -> distinguishable
+    for seed in (1, 2, 3):
+        write_curve(tree / "reppo_torch" / "CartpoleBalance" / f"seed{seed}.csv", STEPS, 0.2 * true_curve(STEPS) + seed)
+    rows = plot.compare_implementations(plot.load_results(str(tree)))
+    assert not rows[0]["indistinguishable"] and rows[0]["p"] < 0.01
+
+
+def test_markdown_tables(tree):
+    text = plot.markdown_tables(plot.load_results(str(tree)))
+    assert "| CartpoleBalance | REPPO (JAX) | 3 | 100,000 | 1,000.0 ± 30.0 |" in text
+    assert "Welch" in text and "| yes |" in text
+
+
+def test_plot_writes_pngs(tree, tmp_path):
+    out = tmp_path / "images"
+    table = tmp_path / "tables.md"
+    opts = plot.Options(results_dir=str(tree), out_dir=str(out), table_out=str(table), n_boot=200)
+    assert plot.main(opts) == 0
+    for name in ["results_CartpoleBalance.png", "results_grid.png"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert "Final return" in table.read_text()
+
+
+def test_convert_reppo_metrics(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text(
+        "global_step,seed,charts/SPS,eval/episodic_return,eval/episodic_return_std\n"
+        "0,1,,10.0,1.0\n2048,1,1024.0,20.0,2.0\n4096,1,2048.0,30.0,3.0\n"
+    )
+    rows = grid.convert_reppo_metrics(str(path), seed=1)
+    assert [r["env_steps"] for r in rows] == [0, 2048, 4096]
+    assert [r["wall_seconds"] for r in rows] == [0.0, 2.0, 2.0]
+    assert [r["eval_return"] for r in rows] == [10.0, 20.0, 30.0]
+    assert grid.convert_reppo_metrics(str(path), seed=2) == []
+
+
+def test_grid_dry_run_skips_finished_jobs(tree):
+    json.dump({"budget": 1_000_000}, open(tree / "reppo_jax" / "CartpoleBalance" / "seed1.json", "w"))
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "grid.py"), "--dry-run", "--results-dir", str(tree)]
+    cmd += ["--tasks", "CartpoleBalance", "PendulumSwingup", "--seeds", "1", "2", "3", "4"]
+    cmd += ["--implementations", "reppo_jax", "brax_ppo", "--extra-args=--num-envs 8"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60, check=True).stdout
+    for seed in (1, 2, 3):  # finished: skipped
+        assert f"skip reppo_jax/CartpoleBalance/seed{seed}" in out
+        assert f"skip brax_ppo/CartpoleBalance/seed{seed}" in out
+        assert f"would run reppo_jax/PendulumSwingup/seed{seed}" in out
+    assert "would run reppo_jax/CartpoleBalance/seed4" in out  # only a .tmp file there: rerun
+    assert "would run brax_ppo/PendulumSwingup/seed4" in out
+    assert "6 of 16 jobs finished, 10 to run" in out
+    line = next(x for x in out.splitlines() if "would run reppo_jax/PendulumSwingup/seed2" in x)
+    assert "reppo_jax.py --env-id PendulumSwingup --preset cpu --total-timesteps 1000000 --seed 2" in line
+    assert line.endswith("--no-progress --num-envs 8")
+    line = next(x for x in out.splitlines() if "would run brax_ppo/PendulumSwingup/seed2" in x)
+    assert "brax_ppo.py --env-id PendulumSwingup --seed 2 --budget 1000000 --out" in line
+    assert "--num-envs" not in line
+    # nothing was written by a dry run
+    assert not (tree / "reppo_jax" / "PendulumSwingup").exists()
+
+
+def test_brax_schedule_fits_budget():
+    import brax_ppo
+
+    config = {"num_envs": 2048, "batch_size": 1024, "num_minibatches": 32, "unroll_length": 30, "action_repeat": 1}
+    s = brax_ppo.ppo_schedule(config, 1_000_000, 20, 64)
+    assert s["batch_size"] == 32 and s["steps_per_update"] == 30_720
+    assert s["num_timesteps"] <= 1_000_000 and s["num_timesteps"] % (s["updates_per_eval"] * 30_720) == 0
+    assert s["num_evals"] == 17  # 32 updates, 2 per eval period, plus the eval at step 0
+    # epochs of 30, 5, 5, 5 s: 25 s of compilation in the first; 20, 20, 5, 5, 5: 15 + 15 in the first two
+    assert brax_ppo.compile_estimate([30.0, 35.0, 40.0, 45.0]) == pytest.approx(25.0)
+    raw = [{"env_steps": 0, "wall_seconds_incl_compile": 0.0}]
+    raw += [{"env_steps": 10 * (i + 1), "wall_seconds_incl_compile": w} for i, w in enumerate([20, 40, 45, 50, 55.0])]
+    rows, removed = brax_ppo.rows_with_wall_seconds(raw)
+    assert removed == pytest.approx(30.0)
+    assert [r["wall_seconds"] for r in rows] == pytest.approx([0, 5, 10, 15, 20, 25])
