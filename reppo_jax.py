@@ -182,10 +182,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Per-suite defaults (SPEC section 11) for fields left at None.
 DM_CONTROL_DEFAULTS = {"vmin": 0.0, "vmax": 150.0, "gamma": 0.99, "episode_length": 1000}
 
-# Measured with benchmarks/speed.py on a 2-core CPU (see README): the paper setting on
-# CheetahRun. Only used to warn a CPU user before a multi-hour run.
-CPU_PAPER_SETTING_SPS = 2100
-
 
 class UserError(Exception):
     """Bad input from the command line: printed as one clear message, exit code 2."""
@@ -1251,11 +1247,12 @@ def train(args: Args) -> str:
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     if jax.default_backend() == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
-        hours = args.total_timesteps / CPU_PAPER_SETTING_SPS / 3600
+        # Measured with benchmarks/speed.py on a 2-core CPU: compiling and running two
+        # iterations of the paper setting on CheetahRun did not finish within 16 minutes.
         print(
-            f"No accelerator found (JAX backend: cpu). At this setting a 2-core CPU trains at about "
-            f"{CPU_PAPER_SETTING_SPS:,} env-steps/s, so {args.total_timesteps:,} steps take about "
-            f"{hours:.1f} h. For a CPU, try --preset cpu.",
+            f"No accelerator found (JAX backend: cpu). At this setting ({args.num_envs} envs, hidden "
+            f"{args.critic_hidden}) one iteration of {batch_size:,} env steps takes minutes on a 2-core "
+            f"CPU, so {num_iterations:,} iterations take days. For a CPU, try --preset cpu.",
             file=sys.stderr,
         )
 

@@ -36,7 +36,7 @@ class Options:
     implementations: list[Literal["jax", "torch"]] = field(default_factory=lambda: ["jax"])
     """which files to measure"""
     iterations: int = 0
-    """timed training iterations after a warm-up one; 0 picks 3 (paper) or 20 (cpu)"""
+    """iterations per timed chunk (the same chunk runs once untimed first); 0 picks 1 (paper) or 20 (cpu)"""
     json_out: str | None = None
     """also write the results to this JSON file"""
 
@@ -53,9 +53,8 @@ def measure_jax(cli: list[str], iterations: int) -> dict:
     args = rj.resolve_args(rj.parse_args(cli))
     runner = rj.Runner(args)
     state = runner.init()
-    runner.compile_chunk(state, 1)
     runner.compile_chunk(state, iterations)
-    state, _ = runner.train_chunk(state, 1)  # warm-up (first touch of buffers)
+    state, _ = runner.train_chunk(state, iterations)  # warm-up run of the same compiled chunk
     jax.block_until_ready(state)
     start = time.perf_counter()
     state, metrics = runner.train_chunk(state, iterations)
@@ -70,16 +69,43 @@ def measure_jax(cli: list[str], iterations: int) -> dict:
     }
 
 
+def measure_torch(cli: list[str], iterations: int) -> dict:
+    """The same protocol for reppo_torch.py: build the Trainer, one untimed warm-up round of
+    `iterations` iterations, then a timed round (evaluation excluded in both files)."""
+    import time
+
+    sys.path.insert(0, ROOT)
+    import reppo_torch as rt
+
+    args = rt.resolve_args(rt.parse_args(cli))
+    start = time.perf_counter()
+    trainer = rt.Trainer(args, args.seed, rt.torch_device(args))
+    setup_seconds = time.perf_counter() - start
+    for _ in range(iterations):
+        trainer.train_iteration()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        trainer.train_iteration()
+    seconds = time.perf_counter() - start
+    return {
+        "compile_s": setup_seconds,  # no compilation by default: env set-up (JAX-side env step for Playground)
+        "sps": iterations * args.num_envs * args.num_steps / seconds,
+        "seconds_per_iteration": seconds / iterations,
+        "peak_rss_mib": rt.peak_rss_mb(),
+        "backend": str(trainer.device),
+    }
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":  # inside the measuring subprocess
         impl, iterations, cli = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-        result = {"jax": measure_jax}[impl](cli, iterations)
+        result = {"jax": measure_jax, "torch": measure_torch}[impl](cli, iterations)
         print("RESULT " + json.dumps(result))
         return
     options = tyro.cli(Options)
     results = []
     for setting in options.settings:
-        iterations = options.iterations or (3 if setting == "paper" else 20)
+        iterations = options.iterations or (1 if setting == "paper" else 20)
         for impl in options.implementations:
             child = [sys.executable, __file__, "--child", impl, str(iterations), *SETTINGS[setting]]
             out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
