@@ -38,7 +38,6 @@ called: env setup, compilation and evaluation included).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -51,6 +50,7 @@ import time
 from dataclasses import dataclass
 
 import tyro
+from grid import write_result_csv  # the same atomic CSV writer as the grid (same folder)
 
 RESULT_COLUMNS = [
     "env_steps",
@@ -158,17 +158,6 @@ def rows_with_wall_seconds(raw: list[dict]) -> tuple[list[dict], float]:
     return rows, removed
 
 
-def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
-    """Write to path + '.tmp', then rename, so that a finished file is always complete."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def main(opts: Options) -> str:
     out = opts.out or os.path.join("benchmarks", "results", "brax_ppo", opts.env_id, f"seed{opts.seed}.csv")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -207,7 +196,7 @@ def main(opts: Options) -> str:
             "elapsed_seconds": time.perf_counter() - start,
         }
         raw.append(row)
-        write_csv(partial, raw, RESULT_COLUMNS)  # readable while the job runs
+        write_result_csv(partial, raw, RESULT_COLUMNS)  # readable while the job runs
         print(
             f"step {step:>10,}  eval_return {row['eval_return']:8.2f}  train_s {row['wall_seconds_incl_compile']:7.1f}"
             f"  elapsed_s {row['elapsed_seconds']:7.1f}  sps {float(metrics.get('training/sps', float('nan'))):,.0f}",
@@ -254,7 +243,7 @@ def main(opts: Options) -> str:
     }
     with open(out[: -len(".csv")] + ".json" if out.endswith(".csv") else out + ".json", "w") as f:
         json.dump(meta, f, indent=2, default=str)
-    write_csv(out, rows, RESULT_COLUMNS)
+    write_result_csv(out, rows, RESULT_COLUMNS)
     if os.path.exists(partial):
         os.remove(partial)
     print(
