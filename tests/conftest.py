@@ -11,3 +11,49 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+# ---- helpers shared by the CLI and learning tests of both files -------------------------
+
+import csv  # noqa: E402
+import glob  # noqa: E402
+import subprocess  # noqa: E402
+
+# A run small enough to finish in seconds after compilation (CartpoleBalance, 50-step episodes).
+TINY = [
+    "--env-id", "CartpoleBalance", "--preset", "cpu", "--num-envs", "8", "--num-steps", "8",
+    "--num-mini-batches", "2", "--num-epochs", "1", "--actor-hidden", "32", "--critic-hidden", "32",
+    "--episode-length", "50", "--num-eval-envs", "2", "--log-interval", "2", "--no-progress",
+]  # fmt: skip
+BATCH = 8 * 8  # env steps per iteration of TINY
+
+
+def run_script(script, *argv, check=True, timeout=600):
+    """Run `python script argv...` from the repository root; raise with its output on failure."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *argv],
+        capture_output=True, text=True, timeout=timeout, env=os.environ.copy(),
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def only_run(runs_dir):
+    (run_dir,) = glob.glob(os.path.join(runs_dir, "*"))
+    return run_dir
+
+
+def cartpole_learning_run(script, total_timesteps, runs_dir):
+    """Train CartpoleBalance with --preset cpu (seed 1, evaluation every 10 iterations) and
+    return (metrics rows, untrained evaluation return, the later evaluation returns)."""
+    run_script(
+        script, "--env-id", "CartpoleBalance", "--preset", "cpu", "--total-timesteps", str(total_timesteps),
+        "--log-interval", "10", "--seed", "1", "--runs-dir", str(runs_dir), "--no-progress", timeout=900,
+    )  # fmt: skip
+    rows = read_metrics(only_run(runs_dir))
+    return rows, float(rows[0]["eval/episodic_return"]), [float(r["eval/episodic_return"]) for r in rows[1:]]

@@ -1,44 +1,17 @@
 """The command line of reppo_jax.py: tiny real runs, checkpoints, resume and bad input."""
 
-import csv
-import glob
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import BATCH, TINY, only_run, read_metrics, run_script
 
 import reppo_jax as rj
 
-TINY = [
-    "--env-id", "CartpoleBalance", "--preset", "cpu", "--num-envs", "8", "--num-steps", "8",
-    "--num-mini-batches", "2", "--num-epochs", "1", "--actor-hidden", "32", "--critic-hidden", "32",
-    "--episode-length", "50", "--num-eval-envs", "2", "--log-interval", "2", "--no-progress",
-]  # fmt: skip
-BATCH = 8 * 8
-
 
 def run_cli(*argv, check=True):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "reppo_jax.py"), *argv],
-        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
-    )  # fmt: skip
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
-
-
-def only_run(runs_dir):
-    (run_dir,) = glob.glob(os.path.join(runs_dir, "*"))
-    return run_dir
+    return run_script("reppo_jax.py", *argv, check=check)
 
 
 @pytest.fixture(scope="module")

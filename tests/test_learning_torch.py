@@ -8,31 +8,14 @@ the same threshold at 410k steps; this one stops at 328k to stay near 3 minutes.
 learner stays near its start.
 """
 
-import csv
-import glob
-import os
-import subprocess
-import sys
-
-from conftest import ROOT
+from conftest import cartpole_learning_run
 
 THRESHOLD = 400.0
 STEPS = 327_680  # 160 iterations of 64 envs x 32 steps
 
 
 def test_cartpole_balance_learns_with_the_cpu_setting(tmp_path):
-    command = [
-        sys.executable, os.path.join(ROOT, "reppo_torch.py"), "--env-id", "CartpoleBalance", "--preset", "cpu",
-        "--total-timesteps", str(STEPS), "--log-interval", "10", "--seed", "1", "--runs-dir", str(tmp_path),
-        "--no-progress",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr
-    (run_dir,) = glob.glob(os.path.join(tmp_path, "*"))
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        rows = list(csv.DictReader(f))
-    untrained = float(rows[0]["eval/episodic_return"])
-    trained = [float(r["eval/episodic_return"]) for r in rows[1:]]
+    rows, untrained, trained = cartpole_learning_run("reppo_torch.py", STEPS, tmp_path)
     assert int(rows[0]["global_step"]) == 0 and int(rows[-1]["global_step"]) == STEPS
     assert untrained < THRESHOLD, f"the untrained policy already scores {untrained}"
     assert max(trained) > THRESHOLD, f"best evaluation return {max(trained)} after {STEPS:,} steps: {trained}"
