@@ -89,3 +89,39 @@ def test_random_initial_step_counters_spread_resets(cartpole):
     assert counters.min() >= 0 and counters.max() < 1000
     assert len(np.unique(counters)) > 200
     assert not np.asarray(state.from_reset).any()  # the first, shortened episodes are not logged
+
+
+def test_only_finished_envs_are_reset_even_more_than_one_chunk(cartpole):
+    # 8 envs, episode length 4 -> the wrapper resets up to ceil(2 * 8 / 4) = 4 envs per
+    # loop pass; 6 envs finish on this step, so the loop must run twice.
+    num_envs, episode_length = 8, 4
+    wrapped = rj.AutoResetEnv(cartpole, num_envs, episode_length)
+    state = wrapped.reset(jax.random.PRNGKey(5), randomize_steps=False)
+    finishing = np.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
+    state = state._replace(step_count=jnp.where(finishing, episode_length - 1, 0))
+    action = jnp.full((num_envs, wrapped.action_size), -0.3)
+    key = jax.random.PRNGKey(42)
+    new_state, result = jax.jit(wrapped.step)(state, action, key)
+
+    np.testing.assert_array_equal(result.truncated, finishing)
+    stepped = jax.vmap(cartpole.step)(state.physics, action)
+    fresh = jax.vmap(cartpole.reset)(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_envs)))
+    expected = np.where(finishing[:, None], fresh.obs, stepped.obs)
+    np.testing.assert_allclose(result.next_obs, expected, atol=1e-6)
+    np.testing.assert_allclose(result.final_obs, stepped.obs, atol=1e-6)
+    for new, old_stepped, old_fresh in zip(
+        jax.tree.leaves(new_state.physics), jax.tree.leaves(stepped), jax.tree.leaves(fresh), strict=True
+    ):
+        mask = finishing.reshape((-1,) + (1,) * (np.ndim(new) - 1))
+        np.testing.assert_allclose(new, np.where(mask, old_fresh, old_stepped), atol=1e-6)
+    np.testing.assert_array_equal(new_state.step_count, np.where(finishing, 0, 1))
+
+
+def test_evaluation_steps_do_not_reset(cartpole):
+    wrapped = rj.AutoResetEnv(cartpole, 2, 1)
+    state = wrapped.reset(jax.random.PRNGKey(0), randomize_steps=False)
+    action = jnp.zeros((2, wrapped.action_size))
+    step = jax.jit(wrapped.step, static_argnames="auto_reset")
+    _, result = step(state, action, jax.random.PRNGKey(1), auto_reset=False)
+    assert result.truncated.all()
+    np.testing.assert_array_equal(result.next_obs, result.final_obs)

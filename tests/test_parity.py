@@ -262,3 +262,35 @@ def test_one_clipped_adam_step_agrees(nets):
         param.grad = grad
     optimizer.step()
     compare_grads(new_params, critic, [p.detach() for p in torch_params], rtol=1e-5)
+
+
+def test_auto_reset_wrappers_agree_on_a_step_with_partial_resets():
+    """The JAX side of reppo_torch.py's Playground bridge and reppo_jax.AutoResetEnv: the
+    same state, action and reset key give the same step outputs, with 6 of 8 envs
+    finishing (more than one reset chunk) and the other 2 carrying on."""
+    num_envs, episode_length = 8, 4
+    env = rj.make_env("CartpoleBalance", "jax", episode_length=1000)
+    wrapped = rj.AutoResetEnv(env, num_envs, episode_length)
+    state = wrapped.reset(jax.random.PRNGKey(5), randomize_steps=False)
+    finishing = jnp.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
+    state = state._replace(step_count=jnp.where(finishing, episode_length - 1, 0))
+    action = jnp.full((num_envs, wrapped.action_size), 0.4)
+    carry_key = jax.random.PRNGKey(9)
+    _, key_reset = jax.random.split(carry_key)  # what the bridge's step draws from its carried key
+
+    _, jax_result = jax.jit(wrapped.step)(state, action, key_reset)
+    _, torch_step = rt.make_jax_auto_reset(env, num_envs, episode_length)
+    carry = (state.physics, state.obs, state.step_count, state.episode_return, state.episode_length)
+    carry = carry + (state.from_reset, carry_key)
+    _, outputs = jax.jit(torch_step)(carry, action)
+    next_obs, final_obs, reward, terminated, truncated, episode_done, episode_return, length = outputs
+    np.testing.assert_array_equal(next_obs, jax_result.next_obs)
+    np.testing.assert_array_equal(final_obs, jax_result.final_obs)
+    np.testing.assert_array_equal(reward, jax_result.reward)
+    np.testing.assert_array_equal(terminated > 0, jax_result.terminated)
+    np.testing.assert_array_equal(truncated > 0, finishing)
+    np.testing.assert_array_equal(truncated > 0, jax_result.truncated)
+    np.testing.assert_array_equal(episode_done > 0, jax_result.episode_done)
+    np.testing.assert_array_equal(episode_return, jax_result.episode_return)
+    np.testing.assert_array_equal(length, jax_result.episode_length)
+    assert not np.allclose(np.asarray(next_obs)[np.asarray(finishing)], np.asarray(final_obs)[np.asarray(finishing)])
