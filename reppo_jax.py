@@ -1146,8 +1146,24 @@ def first_nonfinite(metrics: dict[str, np.ndarray]) -> tuple[list[str], int] | N
 # ======================================================================================
 
 
+def over_seeds(fn, num_seeds: int):
+    """``fn`` of one seed -> the same function over a leading seed axis (``jax.vmap``).
+
+    With one seed the axis is dropped before the call and restored after it, instead of a
+    vmap of size 1: XLA's CPU backend runs the batch-of-one matmuls that such a vmap
+    produces far slower (measured at --preset cpu: 22.9 against 12.6 ms per update)."""
+    if num_seeds > 1:
+        return jax.vmap(fn)
+
+    def one_seed(*inputs):
+        outputs = fn(*jax.tree.map(lambda x: x[0], inputs))
+        return jax.tree.map(lambda x: x[None], outputs)
+
+    return one_seed
+
+
 class Runner:
-    """Compiles the vmapped functions of one configuration and drives them."""
+    """Compiles the functions of one configuration, over the seed axis, and drives them."""
 
     def __init__(self, args: Args):
         self.args = args
@@ -1158,10 +1174,10 @@ class Runner:
         self.compile_seconds = 0.0
 
     def init(self) -> TrainState:
-        return jax.jit(jax.vmap(self.agent.init))(self.seed_keys)
+        return jax.jit(over_seeds(self.agent.init, self.args.num_seeds))(self.seed_keys)
 
     def abstract_state(self) -> TrainState:
-        return jax.eval_shape(jax.vmap(self.agent.init), self.seed_keys)
+        return jax.eval_shape(over_seeds(self.agent.init, self.args.num_seeds), self.seed_keys)
 
     def _compiled(self, fn, *example):
         start = time.perf_counter()
@@ -1172,7 +1188,7 @@ class Runner:
     def compile_chunk(self, state: TrainState, num_iterations: int) -> None:
         """Compile (once per chunk length) ahead of time, so SPS never includes it."""
         if num_iterations not in self._chunks:
-            chunk = jax.vmap(partial(self.agent.train_chunk, num_iterations=num_iterations))
+            chunk = over_seeds(partial(self.agent.train_chunk, num_iterations=num_iterations), self.args.num_seeds)
             self._chunks[num_iterations] = self._compiled(chunk, state)
 
     def train_chunk(self, state: TrainState, num_iterations: int):
@@ -1194,7 +1210,9 @@ class Runner:
 
     def compile_evaluate(self, state: TrainState) -> None:
         if "evaluate" not in self._chunks:
-            self._chunks["evaluate"] = self._compiled(jax.vmap(self.agent.evaluate), state, self._eval_keys(state))
+            self._chunks["evaluate"] = self._compiled(
+                over_seeds(self.agent.evaluate, self.args.num_seeds), state, self._eval_keys(state)
+            )
 
     def evaluate(self, state: TrainState) -> np.ndarray:
         """Evaluation returns, shaped (num_seeds, num_eval_envs)."""
