@@ -174,9 +174,10 @@ class Args:
     """torch.compile the two losses (their forward and backward graphs)"""
     fused_adam: bool = False
     """CUDA only: Adam's fused kernel (the same update rule in one kernel launch)"""
-    torch_threads: int = 1
-    """CPU threads of PyTorch's own kernels; 0 keeps PyTorch's default (one per core). 1 because on
-    a small, shared CPU two OpenMP threads beside JAX's or SAPIEN's threads ran 10-70x slower (measured)"""
+    torch_threads: int = 0
+    """CPU threads of PyTorch's own kernels; 0 keeps PyTorch's default (one per core). On a CPU
+    shared with other busy processes pass 1: OpenMP threads that wait for a busy core ran 10-70x
+    slower in such a setting (measured on 2 cores beside another training run)"""
 
     # --- logging ----------------------------------------------------------------------
     log_interval: int = 10
@@ -1622,6 +1623,17 @@ def train(args: Args) -> str:
 
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
+    if device.type == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
+        # Measured with benchmarks/speed.py on a 2-core CPU (AMD EPYC): the paper setting on
+        # CheetahRun (1024 envs x 32 steps, hidden 512) ran at ~1,260 env-steps/s.
+        hours = args.total_timesteps / 1_260 / 3600
+        print(
+            f"No CUDA device: training on the CPU. At this setting ({args.num_envs} envs, hidden "
+            f"{args.critic_hidden}) a 2-core CPU ran ~1,260 env-steps/s (the paper setting on CheetahRun), "
+            f"so {args.total_timesteps:,} steps would take about {hours:,.0f} hours there. "
+            "For a CPU, try --preset cpu.",
+            file=sys.stderr,
+        )
     trainer = Trainer(args, args.seed, device)
     if payload is not None:
         trainer.load_state_dict(payload["trainer"])
