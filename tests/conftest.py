@@ -57,3 +57,30 @@ def cartpole_learning_run(script, total_timesteps, runs_dir):
     )  # fmt: skip
     rows = read_metrics(only_run(runs_dir))
     return rows, float(rows[0]["eval/episodic_return"]), [float(r["eval/episodic_return"]) for r in rows[1:]]
+
+
+def interrupt_a_run(script, runs_dir, timeout=300):
+    """Start a long TINY run of `script`, send it SIGINT (Ctrl-C) once metrics.csv holds a row
+    after step 0, and return (exit code, stderr, run folder)."""
+    import signal
+    import time
+
+    argv = [*TINY, "--total-timesteps", str(100_000 * BATCH), "--runs-dir", str(runs_dir)]
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, script), *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            paths = glob.glob(os.path.join(runs_dir, "*", "metrics.csv"))
+            with open(paths[0]) if paths else open(os.devnull) as f:
+                if sum(1 for _ in f) >= 3:  # header, step 0, one training log point
+                    break
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+    return process.returncode, err, only_run(runs_dir)

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import BATCH, TINY, only_run, read_metrics, run_script
+from conftest import BATCH, TINY, interrupt_a_run, only_run, read_metrics, run_script
 
 import reppo_jax as rj
 
@@ -113,3 +113,14 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
         assert all(
             np.isfinite(data[k]).all() for k in data.files if k.startswith("leaf_") and data[k].dtype.kind == "f"
         )
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    code, err, run_dir = interrupt_a_run("reppo_jax.py", tmp_path)
+    assert code == 130 and "interrupted: saved" in err and "Traceback" not in err
+    with np.load(os.path.join(run_dir, "checkpoint.npz")) as data:
+        step = json.loads(str(data["meta"]))["global_step"]
+    assert step >= 2 * BATCH and step % BATCH == 0
+    run_cli("--resume", os.path.join(run_dir, "checkpoint.npz"), "--total-timesteps", str(step + 2 * BATCH))
+    steps = [int(r["global_step"]) for r in read_metrics(run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == step + 2 * BATCH

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import BATCH, TINY, only_run, read_metrics, run_script
+from conftest import BATCH, TINY, interrupt_a_run, only_run, read_metrics, run_script
 
 import reppo_torch as rt
 
@@ -144,3 +144,14 @@ def test_num_seeds_runs_each_seed_in_its_own_folder(tmp_path):
     folders = sorted(glob.glob(os.path.join(tmp_path, "*")))
     assert [f.split("__")[2] for f in folders] == ["1", "2"]
     assert [read_metrics(f)[-1]["seed"] for f in folders] == ["1", "2"]
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    code, err, run_dir = interrupt_a_run("reppo_torch.py", tmp_path)
+    assert code == 130 and "interrupted: saved" in err and "Traceback" not in err
+    payload = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    step = payload["global_step"]
+    assert step >= 2 * BATCH and step % BATCH == 0 and payload["trainer"]["iteration"] == step // BATCH
+    run_cli("--resume", os.path.join(run_dir, "checkpoint.pt"), "--total-timesteps", str(step + 2 * BATCH))
+    steps = [int(r["global_step"]) for r in read_metrics(run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == step + 2 * BATCH
