@@ -27,12 +27,16 @@ TINY = [
 BATCH = 8 * 8  # env steps per iteration of TINY
 
 
+def script_command(script, *argv):
+    """The command line `python script argv...` for a file at the repository root."""
+    return [sys.executable, os.path.join(ROOT, script), *argv]
+
+
 def run_script(script, *argv, check=True, timeout=600):
     """Run `python script argv...` from the repository root; raise with its output on failure."""
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *argv],
-        capture_output=True, text=True, timeout=timeout, env=os.environ.copy(),
-    )  # fmt: skip
+        script_command(script, *argv), capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -67,16 +71,15 @@ def interrupt_a_run(script, runs_dir, timeout=300):
 
     argv = [*TINY, "--total-timesteps", str(100_000 * BATCH), "--runs-dir", str(runs_dir)]
     process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, script), *argv],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+        script_command(script, *argv),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
     )  # fmt: skip
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and process.poll() is None:
             paths = glob.glob(os.path.join(runs_dir, "*", "metrics.csv"))
-            with open(paths[0]) if paths else open(os.devnull) as f:
-                if sum(1 for _ in f) >= 3:  # header, step 0, one training log point
-                    break
+            if paths and len(read_metrics(os.path.dirname(paths[0]))) >= 2:  # step 0 and one log point
+                break
             time.sleep(0.2)
         assert process.poll() is None, "the run ended before it could be interrupted"
         process.send_signal(signal.SIGINT)
