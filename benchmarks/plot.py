@@ -25,10 +25,14 @@ Tables (markdown, stdout or --table-out):
   which eval_return >= the task's threshold (THRESHOLDS below: half of the paper REPPO
   small-data final mean return, rounded to 5), mean +- std over the seeds that reached it,
   and how many did; resolution is one evaluation interval;
-- implementation comparison (when both reppo_jax and reppo_torch results exist for a task):
-  Welch's unequal-variance t-test on the seeds' final returns (two-sided, alpha = 0.05).
-  "Indistinguishable" means p >= 0.05; with 3 seeds per side the test has little power, so it
-  is a necessary check, not a proof of equivalence.
+- comparisons, per task where both methods have results: reppo_jax vs reppo_torch (should be
+  indistinguishable) and reppo_jax vs brax_ppo. Welch's unequal-variance two-sided t-test over
+  seeds, alpha = 0.05, on two statistics: the final return, and the mean return over the run
+  (each seed's curve averaged over the env-step grid both methods cover, which also sees how
+  fast a method learns). The table gives the difference of the means with its 95 % Welch
+  confidence interval. "Indistinguishable" means neither test rejects; with 3 seeds per side
+  the tests have little power (the intervals show how large a difference they could miss), so
+  it is a necessary check, not a proof of equivalence.
 """
 
 from __future__ import annotations
@@ -200,43 +204,62 @@ def threshold_table(results: Results, thresholds: dict[str, float] = THRESHOLDS)
     return rows
 
 
-def welch_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Welch's two-sided t-test (t, p). Degenerate zero-variance samples: p = 1 if the means are
-    equal, else 0."""
+def welch_test(a: np.ndarray, b: np.ndarray, ci: float = 0.95) -> tuple[float, float, float, float]:
+    """Welch's two-sided t-test of mean(a) = mean(b): (t, p, lo, hi) with [lo, hi] the Welch
+    confidence interval of mean(a) - mean(b). Degenerate zero-variance samples: p = 1 if the
+    means are equal, else 0, and the interval is the point difference."""
     from scipy import stats
 
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 2 or len(b) < 2:
-        return float("nan"), float("nan")
+        return (float("nan"),) * 4
+    diff = float(a.mean() - b.mean())
     if a.var() == 0 and b.var() == 0:
-        return (0.0, 1.0) if a.mean() == b.mean() else (math.copysign(math.inf, a.mean() - b.mean()), 0.0)
-    t, p = stats.ttest_ind(a, b, equal_var=False)
-    return float(t), float(p)
+        return (0.0, 1.0, 0.0, 0.0) if diff == 0 else (math.copysign(math.inf, diff), 0.0, diff, diff)
+    result = stats.ttest_ind(a, b, equal_var=False)
+    lo, hi = result.confidence_interval(confidence_level=ci)
+    return float(result.statistic), float(result.pvalue), float(lo), float(hi)
+
+
+def mean_returns(seed_curves: dict[int, Curve], grid: np.ndarray) -> np.ndarray:
+    """Each seed's evaluation return averaged over the env-step grid (the area under its
+    learning curve divided by the grid's length; sorted by seed). Unlike the final return, this
+    statistic sees the whole curve: how fast a method learns, not only where it ends."""
+    curves = [seed_curves[s] for s in sorted(seed_curves)]
+    return np.array([interpolate(c["env_steps"], c["eval_return"], grid).mean() for c in curves])
+
+
+# Pairs of methods compared per task where both have results: (a, b, what the test is for).
+COMPARISONS = [
+    ("reppo_jax", "reppo_torch", "the two implementations of the same algorithm should be indistinguishable"),
+    ("reppo_jax", "brax_ppo", "REPPO against the PPO baseline at the same budget"),
+]
 
 
 def compare_implementations(
     results: Results, a: str = "reppo_jax", b: str = "reppo_torch", alpha: float = 0.05
 ) -> list[dict]:
-    """Per task where both exist: Welch's t-test on final returns; indistinguishable if p >= alpha."""
+    """Per task where both exist, two Welch t-tests over seeds: on the final return and on the
+    mean return over the run (on the env-step grid both methods cover, see mean_returns).
+    "indistinguishable" only if neither test rejects equality at level alpha."""
     rows = []
     tasks = sorted({t for (i, t) in results if i == a} & {t for (i, t) in results if i == b})
     for task in tasks:
-        fa, fb = final_returns(results[(a, task)]), final_returns(results[(b, task)])
-        t, p = welch_test(fa, fb)
-        rows.append(
-            {
-                "task": task,
-                "a": a,
-                "b": b,
-                "mean_a": float(fa.mean()),
-                "mean_b": float(fb.mean()),
-                "n_a": len(fa),
-                "n_b": len(fb),
-                "t": t,
-                "p": p,
-                "indistinguishable": bool(np.isfinite(p) and p >= alpha),
-            }
-        )
+        row = {"task": task, "a": a, "b": b}
+        grid = common_grid(list(results[(a, task)].values()) + list(results[(b, task)].values()))
+        samples = {
+            "final": (final_returns(results[(a, task)]), final_returns(results[(b, task)])),
+            "auc": (mean_returns(results[(a, task)], grid), mean_returns(results[(b, task)], grid)),
+        }
+        for stat, (sa, sb) in samples.items():
+            t, p, lo, hi = welch_test(sa, sb)
+            prefix = "" if stat == "final" else "auc_"
+            row.update({f"{prefix}mean_a": float(sa.mean()), f"{prefix}mean_b": float(sb.mean())})
+            row.update({f"{prefix}t": t, f"{prefix}p": p, f"{prefix}diff_lo": lo, f"{prefix}diff_hi": hi})
+        row.update({"n_a": len(samples["final"][0]), "n_b": len(samples["final"][1]), "auc_env_steps": float(grid[-1])})
+        ps = [row["p"], row["auc_p"]]
+        row["indistinguishable"] = bool(all(np.isfinite(p) and p >= alpha for p in ps))
+        rows.append(row)
     return rows
 
 
@@ -264,15 +287,28 @@ def markdown_tables(results: Results, thresholds: dict[str, float] = THRESHOLDS)
             f"| {r['task']} | {r['threshold']:g} | {label} | {r['reached']}/{r['n']} | "
             f"{_fmt(r['wall_mean'], 0)} ± {_fmt(r['wall_std'], 0)} | {_fmt(r['steps_mean'], 0)} |"
         )
-    comparison = compare_implementations(results)
-    if comparison:
-        lines += ["", "### reppo_jax vs reppo_torch (Welch's t-test on final returns, two-sided, α = 0.05)", ""]
-        lines += ["| Task | JAX mean (n) | PyTorch mean (n) | t | p | Indistinguishable |", "|---|---|---|---|---|---|"]
+    for a, b, purpose in COMPARISONS:
+        comparison = compare_implementations(results, a, b)
+        if not comparison:
+            continue
+        la, lb = LABELS.get(a, a), LABELS.get(b, b)
+        lines += ["", f"### {la} vs {lb}: Welch's t-test over seeds (two-sided, α = 0.05)", ""]
+        lines.append(
+            f"Purpose: {purpose}. Two statistics per seed: the final return, and the mean return over the run "
+            "(the learning curve averaged over the env steps both methods cover). "
+            f"Difference = {la} − {lb}, with its 95 % Welch confidence interval."
+        )
+        lines += ["", f"| Task | Seeds | Statistic | {la} | {lb} | Difference [95 % CI] | p | Different? |"]
+        lines.append("|---|---|---|---|---|---|---|---|")
         for r in comparison:
-            lines.append(
-                f"| {r['task']} | {_fmt(r['mean_a'])} ({r['n_a']}) | {_fmt(r['mean_b'])} ({r['n_b']}) | "
-                f"{_fmt(r['t'], 2)} | {_fmt(r['p'], 3)} | {'yes' if r['indistinguishable'] else 'no'} |"
-            )
+            for stat, prefix in (("final return", ""), ("mean over run", "auc_")):
+                p = r[f"{prefix}p"]
+                verdict = "n/a" if not np.isfinite(p) else ("yes" if p < 0.05 else "no")
+                lines.append(
+                    f"| {r['task']} | {r['n_a']} / {r['n_b']} | {stat} | {_fmt(r[f'{prefix}mean_a'])} | "
+                    f"{_fmt(r[f'{prefix}mean_b'])} | {_fmt(r[f'{prefix}mean_a'] - r[f'{prefix}mean_b'])} "
+                    f"[{_fmt(r[f'{prefix}diff_lo'])}, {_fmt(r[f'{prefix}diff_hi'])}] | {_fmt(p, 3)} | {verdict} |"
+                )
     return "\n".join(lines) + "\n"
 
 

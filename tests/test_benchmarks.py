@@ -116,26 +116,53 @@ def test_time_to_threshold(tree):
 
 def test_welch_test_identical_and_different():
     a = np.array([900.0, 950.0, 1000.0])
-    assert plot.welch_test(a, a.copy())[1] == pytest.approx(1.0)
-    assert plot.welch_test(a, a - 500.0)[1] < 0.01
+    t, p, lo, hi = plot.welch_test(a, a.copy())
+    assert p == pytest.approx(1.0) and lo < 0.0 < hi
+    t, p, lo, hi = plot.welch_test(a, a - 500.0)
+    assert p < 0.01 and lo < 500.0 < hi and lo > 0.0
+    # Welch interval by hand: equal n and variances -> df = 2(n-1) = 4, se = sqrt(2 s^2 / n)
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, 4) * np.sqrt(2 * a.var(ddof=1) / 3)
+    assert (lo, hi) == pytest.approx((500.0 - half, 500.0 + half))
     assert plot.welch_test(np.full(3, 5.0), np.full(3, 5.0))[1] == 1.0
     assert plot.welch_test(np.full(3, 5.0), np.full(3, 6.0))[1] == 0.0
 
 
+def test_mean_returns_is_the_curve_average(tree):
+    seeds = plot.load_results(str(tree))[("reppo_jax", "CartpoleBalance")]
+    # linear 0 -> 1000 over the grid plus the seed's offset: average 500 + offset
+    np.testing.assert_allclose(plot.mean_returns(seeds, np.linspace(0, STEPS[-1], 101)), [470.0, 500.0, 530.0])
+    # on the first half of the run only: average 250 + offset
+    np.testing.assert_allclose(plot.mean_returns(seeds, np.linspace(0, STEPS[-1] / 2, 101)), [220.0, 250.0, 280.0])
+
+
 def test_compare_implementations(tree, tmp_path):
     rows = plot.compare_implementations(plot.load_results(str(tree)))
-    assert len(rows) == 1 and rows[0]["indistinguishable"] and rows[0]["p"] == pytest.approx(1.0)
-    # reppo_torch clearly worse -> distinguishable
+    assert len(rows) == 1 and rows[0]["indistinguishable"]
+    assert rows[0]["p"] == pytest.approx(1.0) and rows[0]["auc_p"] == pytest.approx(1.0)
+    # the same final returns but a slower start -> only the mean over the run tells them apart
+    for seed, off in {1: -30.0, 2: 0.0, 3: 30.0}.items():
+        slow = np.where(STEPS < 90_000, 0.0, true_curve(STEPS)) + off
+        write_curve(tree / "reppo_torch" / "CartpoleBalance" / f"seed{seed}.csv", STEPS, slow)
+    rows = plot.compare_implementations(plot.load_results(str(tree)))
+    assert rows[0]["p"] == pytest.approx(1.0) and rows[0]["auc_p"] < 0.01 and not rows[0]["indistinguishable"]
+    # reppo_torch clearly worse everywhere -> both tests reject
     for seed in (1, 2, 3):
         write_curve(tree / "reppo_torch" / "CartpoleBalance" / f"seed{seed}.csv", STEPS, 0.2 * true_curve(STEPS) + seed)
     rows = plot.compare_implementations(plot.load_results(str(tree)))
-    assert not rows[0]["indistinguishable"] and rows[0]["p"] < 0.01
+    assert not rows[0]["indistinguishable"] and rows[0]["p"] < 0.01 and rows[0]["auc_p"] < 0.01
 
 
 def test_markdown_tables(tree):
     text = plot.markdown_tables(plot.load_results(str(tree)))
     assert "| CartpoleBalance | REPPO (JAX) | 3 | 100,000 | 1,000.0 ± 30.0 |" in text
-    assert "Welch" in text and "| yes |" in text
+    assert "### REPPO (JAX) vs REPPO (PyTorch): Welch" in text and "### REPPO (JAX) vs Brax PPO: Welch" in text
+    # identical implementations: difference 0, not different; PPO (half the curve): different
+    assert "| CartpoleBalance | 3 / 3 | final return | 1,000.0 | 1,000.0 | 0.0 [" in text
+    jax_vs_ppo = text.split("### REPPO (JAX) vs Brax PPO")[1]
+    assert "| CartpoleBalance | 3 / 3 | final return | 1,000.0 | 500.0 | 500.0 [" in jax_vs_ppo
+    assert jax_vs_ppo.count("| yes |") == 2
 
 
 def test_plot_writes_pngs(tree, tmp_path):
