@@ -234,6 +234,8 @@ COMPARISONS = [
     ("reppo_jax", "reppo_torch", "the two implementations of the same algorithm should be indistinguishable"),
     ("reppo_jax", "brax_ppo", "REPPO against the PPO baseline at the same budget"),
 ]
+# The two statistics tested, and the prefix of their keys in a comparison row.
+STATISTICS = {"final return": "", "mean over run": "auc_"}
 
 
 def compare_implementations(
@@ -241,23 +243,23 @@ def compare_implementations(
 ) -> list[dict]:
     """Per task where both exist, two Welch t-tests over seeds: on the final return and on the
     mean return over the run (on the env-step grid both methods cover, see mean_returns).
+    Keys per statistic (prefix from STATISTICS): mean_a, mean_b, t, p, diff_lo, diff_hi.
     "indistinguishable" only if neither test rejects equality at level alpha."""
     rows = []
     tasks = sorted({t for (i, t) in results if i == a} & {t for (i, t) in results if i == b})
     for task in tasks:
-        row = {"task": task, "a": a, "b": b}
-        grid = common_grid(list(results[(a, task)].values()) + list(results[(b, task)].values()))
+        seeds_a, seeds_b = results[(a, task)], results[(b, task)]
+        grid = common_grid(list(seeds_a.values()) + list(seeds_b.values()))
         samples = {
-            "final": (final_returns(results[(a, task)]), final_returns(results[(b, task)])),
-            "auc": (mean_returns(results[(a, task)], grid), mean_returns(results[(b, task)], grid)),
+            "": (final_returns(seeds_a), final_returns(seeds_b)),
+            "auc_": (mean_returns(seeds_a, grid), mean_returns(seeds_b, grid)),
         }
-        for stat, (sa, sb) in samples.items():
+        row = {"task": task, "a": a, "b": b, "n_a": len(seeds_a), "n_b": len(seeds_b)}
+        for prefix, (sa, sb) in samples.items():
             t, p, lo, hi = welch_test(sa, sb)
-            prefix = "" if stat == "final" else "auc_"
-            row.update({f"{prefix}mean_a": float(sa.mean()), f"{prefix}mean_b": float(sb.mean())})
-            row.update({f"{prefix}t": t, f"{prefix}p": p, f"{prefix}diff_lo": lo, f"{prefix}diff_hi": hi})
-        row.update({"n_a": len(samples["final"][0]), "n_b": len(samples["final"][1]), "auc_env_steps": float(grid[-1])})
-        ps = [row["p"], row["auc_p"]]
+            values = {"mean_a": sa.mean(), "mean_b": sb.mean(), "t": t, "p": p, "diff_lo": lo, "diff_hi": hi}
+            row.update({prefix + k: float(v) for k, v in values.items()})
+        ps = [row[prefix + "p"] for prefix in STATISTICS.values()]
         row["indistinguishable"] = bool(all(np.isfinite(p) and p >= alpha for p in ps))
         rows.append(row)
     return rows
@@ -301,7 +303,7 @@ def markdown_tables(results: Results, thresholds: dict[str, float] = THRESHOLDS)
         lines += ["", f"| Task | Seeds | Statistic | {la} | {lb} | Difference [95 % CI] | p | Different? |"]
         lines.append("|---|---|---|---|---|---|---|---|")
         for r in comparison:
-            for stat, prefix in (("final return", ""), ("mean over run", "auc_")):
+            for stat, prefix in STATISTICS.items():
                 p = r[f"{prefix}p"]
                 verdict = "n/a" if not np.isfinite(p) else ("yes" if p < 0.05 else "no")
                 lines.append(
