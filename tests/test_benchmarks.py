@@ -227,3 +227,33 @@ def test_brax_schedule_fits_budget():
     rows, removed = brax_ppo.rows_with_wall_seconds(raw)
     assert removed == pytest.approx(30.0)
     assert [r["wall_seconds"] for r in rows] == pytest.approx([0, 5, 10, 15, 20, 25])
+
+
+def test_authors_code_import_and_comparison(tmp_path):
+    import authors_code
+
+    # The authors' script's metrics.npz: evaluations after 1..4 blocks of 10k steps, shape (evals, 1).
+    their_steps = np.arange(1, 5)[:, None] * 10_000
+    for seed, off in {1: -30.0, 2: 0.0, 3: 30.0}.items():
+        run = tmp_path / "runs" / f"cartpole_seed{seed}"
+        run.mkdir(parents=True)
+        returns = 1000.0 * their_steps / 100_000 + off  # = true_curve on the first 40k steps
+        arrays = {"time_step": their_steps, "eval/episode_return": returns}
+        arrays.update({"eval/episode_return_std": np.ones_like(returns), "eval/num_episodes": 64 + 0 * their_steps})
+        np.savez(run / "metrics.npz", **arrays)
+    out = tmp_path / "authors" / "CartpoleBalance"
+    assert len(authors_code.import_runs(str(tmp_path / "runs"), str(out))) == 3
+    theirs = authors_code.load_seeds(str(out))
+    np.testing.assert_allclose(theirs[2]["env_steps"], [10_000, 20_000, 30_000, 40_000])
+    np.testing.assert_allclose(theirs[1]["eval_return"], [70.0, 170.0, 270.0, 370.0])
+    # Ours: the same curve to 100k (evaluated from step 0) -> cut at their horizon, 40k: no difference.
+    ours = {s: {"env_steps": STEPS.astype(float), "eval_return": true_curve(STEPS) + off}
+            for s, off in {1: -30.0, 2: 0.0, 3: 30.0}.items()}  # fmt: skip
+    stats, grid_x = authors_code.statistics({"ours": ours, authors_code.THEIRS: theirs}, horizon=40_000.0)
+    assert grid_x[0] == 10_000 and grid_x[-1] == 40_000  # from the latest first evaluation
+    np.testing.assert_allclose(stats["ours"]["return at horizon"], [370.0, 400.0, 430.0])
+    np.testing.assert_allclose(stats["ours"]["mean over run"], [220.0, 250.0, 280.0])  # mean of 100..400, + offset
+    np.testing.assert_allclose(stats[authors_code.THEIRS]["mean over run"], stats["ours"]["mean over run"])
+    table = authors_code.comparison_table({"ours": ours, authors_code.THEIRS: theirs})
+    assert "Horizon H = 40,000 env steps; mean over run on [10,000, 40,000]" in table
+    assert "| ours | 3 | 370, 400, 430 | 400 ± 30 | 250 ± 30 | 0 [" in table and "p = 1.00" in table

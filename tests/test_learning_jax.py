@@ -3,7 +3,8 @@
 Measured on 2 CPU cores (seed 1, --preset cpu): the untrained deterministic policy scores ~310
 (seeds 11 and 12: ~152); evaluation returns then climb, noisily, past 400 within 400k env
 steps (seed 1: 481 at 368k; seed 11: 477 at 225k; seed 12: 445 at 287k). The authors' JAX code at
-the same setting reports ~650 at 500k steps from ~150. A broken learner stays near its start.
+the same setting, run on this machine, gave 344, 666 and 548 at 491,520 steps (docs/results.md).
+A broken learner stays near its start.
 """
 
 from conftest import cartpole_learning_run
