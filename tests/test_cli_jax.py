@@ -60,16 +60,19 @@ def test_tiny_run_writes_args_metrics_and_checkpoint(full_run):
     assert meta["global_step"] == 4 * BATCH and meta["args"]["seed"] == 3
 
 
-def test_eval_only_evaluates_the_checkpoint(full_run):
-    result = run_cli("--eval-only", "--checkpoint", os.path.join(full_run, "checkpoint.npz"), "--num-eval-envs", "3")
-    assert "eval seed=3" in result.stdout and "over 3 episodes" in result.stdout
+def test_eval_only_evaluates_the_checkpoint(full_run, capsys):
+    # In-process from here on (the subprocess path is covered by full_run, --help and Ctrl-C).
+    checkpoint = os.path.join(full_run, "checkpoint.npz")
+    assert rj.main(["--eval-only", "--checkpoint", checkpoint, "--num-eval-envs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "eval seed=3" in out and "over 3 episodes" in out
 
 
 def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
-    run_cli(*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path), "--save-model", "--seed", "3")
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path), "--save-model", "--seed", "3"]
+    assert rj.main(argv) == 0
     half = only_run(tmp_path)
-    result = run_cli("--resume", os.path.join(half, "checkpoint.npz"), "--total-timesteps", str(4 * BATCH))
-    assert result.returncode == 0
+    assert rj.main(["--resume", os.path.join(half, "checkpoint.npz"), "--total-timesteps", str(4 * BATCH)]) == 0
     resumed, unbroken = read_metrics(half), read_metrics(full_run)
     assert [r["global_step"] for r in resumed] == [r["global_step"] for r in unbroken]
     for a, b in zip(resumed, unbroken):
@@ -89,11 +92,15 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--total-timesteps", "10"], "smaller than one iteration"),
     ],
 )
-def test_bad_input_gives_a_clear_message_and_no_traceback(argv, message):
-    result = run_cli(*argv, check=False)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_input_gives_a_clear_message_and_exit_code_2(argv, message, capsys):
+    assert rj.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_input_from_the_shell_has_no_traceback():
+    result = run_cli("--env-id", "CheetahRunn", check=False)
+    assert result.returncode == 2 and "unknown --env-id" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
