@@ -87,7 +87,7 @@ def statistics(groups: dict[str, dict[int, plot.Curve]], horizon: float) -> tupl
     for name, seeds in groups.items():
         curves = [seeds[s] for s in sorted(seeds)]
         at = np.array([plot.interpolate(c["env_steps"], c["eval_return"], np.array([horizon]))[0] for c in curves])
-        mean = np.array([plot.interpolate(c["env_steps"], c["eval_return"], grid).mean() for c in curves])
+        mean = plot.mean_returns(seeds, grid)
         out[name] = {"return at horizon": at, "mean over run": mean}
     return out, grid
 
