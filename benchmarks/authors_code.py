@@ -12,10 +12,11 @@ compares our two files with it on the same horizon.
 `import` reads `{runs_dir}/cartpole_seed{S}/metrics.npz` as the authors' script writes it
 (hydra run folder; `time_step` and `eval/episode_return`, `eval/episode_return_std`,
 `eval/num_episodes` per evaluation, one seed per run) and writes
-`benchmarks/authors/CartpoleBalance/seed{S}.csv` (env_steps, eval_return, eval_return_std,
-num_episodes; no wall-clock column: their evaluation is inside their timed loop).
-How their code was obtained and run is in docs/results.md ("The authors' code on this machine");
-their code is not part of this repository.
+`benchmarks/authors/reppo_authors/CartpoleBalance/seed{S}.csv`, a result tree as
+plot.load_results reads it (env_steps, eval_return, eval_return_std, num_episodes; no
+wall-clock column: their evaluation is inside their timed loop). How their code was obtained
+and run is in docs/results.md ("REPPO against the authors' code"); their code is not part of
+this repository.
 
 `compare` reads those CSVs and our grid's `benchmarks/results/{reppo_jax,reppo_torch}/
 CartpoleBalance/seed*.csv`, cuts every curve at the authors' horizon H (their last evaluation,
@@ -46,6 +47,7 @@ import plot  # noqa: E402
 TASK = "CartpoleBalance"
 OURS = {"reppo_jax": "REPPO (JAX)", "reppo_torch": "REPPO (PyTorch)"}
 THEIRS = "REPPO, the authors' code"
+AUTHORS_IMPL = "reppo_authors"  # their method's folder in the authors' result tree
 
 
 def import_runs(runs_dir: str, out_dir: str) -> list[str]:
@@ -70,15 +72,6 @@ def import_runs(runs_dir: str, out_dir: str) -> list[str]:
     return written
 
 
-def load_seeds(folder: str) -> dict[int, plot.Curve]:
-    seeds = {}
-    for path in sorted(glob.glob(os.path.join(folder, "seed*.csv"))):
-        match = re.fullmatch(r"seed(\d+)\.csv", os.path.basename(path))
-        if match:
-            seeds[int(match.group(1))] = plot.read_result_csv(path)
-    return seeds
-
-
 def statistics(groups: dict[str, dict[int, plot.Curve]], horizon: float) -> tuple[dict[str, dict], np.ndarray]:
     """Per group: the return at `horizon` and the mean return over the common grid, per seed."""
     start = max(float(c["env_steps"][0]) for seeds in groups.values() for c in seeds.values())
@@ -92,8 +85,12 @@ def statistics(groups: dict[str, dict[int, plot.Curve]], horizon: float) -> tupl
     return out, grid
 
 
-def comparison_table(groups: dict[str, dict[int, plot.Curve]], theirs: str = THEIRS) -> str:
-    horizon = min(float(c["env_steps"][-1]) for c in groups[theirs].values())
+def their_horizon(theirs: dict[int, plot.Curve]) -> float:
+    """H: the last evaluation that every seed of the authors' code reached."""
+    return min(float(c["env_steps"][-1]) for c in theirs.values())
+
+
+def comparison_table(groups: dict[str, dict[int, plot.Curve]], horizon: float, theirs: str = THEIRS) -> str:
     stats, grid = statistics(groups, horizon)
     lines = [
         f"Horizon H = {horizon:,.0f} env steps; mean over run on [{grid[0]:,.0f}, {horizon:,.0f}]. "
@@ -149,8 +146,8 @@ class Options:
     mode: tyro.conf.Positional[Literal["import", "compare"]] = "compare"
     runs_dir: str | None = None
     """import: the folder holding the authors' hydra run folders cartpole_seed{S}/"""
-    authors_dir: str = os.path.join(HERE, "authors", TASK)
-    """where the authors' code's per-seed CSVs are (written by import)"""
+    authors_dir: str = os.path.join(HERE, "authors")
+    """the authors' code's result tree, {authors_dir}/reppo_authors/CartpoleBalance/seed{S}.csv (written by import)"""
     results_dir: str = os.path.join(HERE, "results")
     """our grid's result tree (benchmarks/grid.py)"""
     figure: str = os.path.join(os.path.dirname(HERE), "docs", "images", f"authors_{TASK}.png")
@@ -163,12 +160,12 @@ def main(opts: Options) -> int:
         if opts.runs_dir is None:
             print("import needs --runs-dir PATH", file=sys.stderr)
             return 2
-        written = import_runs(opts.runs_dir, opts.authors_dir)
+        written = import_runs(opts.runs_dir, os.path.join(opts.authors_dir, AUTHORS_IMPL, TASK))
         print("\n".join(written) if written else f"no cartpole_seed*/metrics.npz under {opts.runs_dir}")
         return 0 if written else 1
-    groups = {label: load_seeds(os.path.join(opts.results_dir, impl, TASK)) for impl, label in OURS.items()}
-    groups = {k: v for k, v in groups.items() if v}
-    theirs = load_seeds(opts.authors_dir)
+    ours = plot.load_results(opts.results_dir)
+    groups = {label: ours[(impl, TASK)] for impl, label in OURS.items() if (impl, TASK) in ours}
+    theirs = plot.load_results(opts.authors_dir).get((AUTHORS_IMPL, TASK), {})
     if not groups or not theirs:
         print(f"need CSVs under {opts.authors_dir} and {opts.results_dir}/reppo_*/{TASK}", file=sys.stderr)
         return 1
@@ -176,12 +173,13 @@ def main(opts: Options) -> int:
         pooled = [c for seeds in groups.values() for c in seeds.values()]
         groups["both files pooled"] = dict(enumerate(pooled))
     groups[THEIRS] = theirs
-    table = comparison_table(groups)
+    horizon = their_horizon(theirs)
+    table = comparison_table(groups, horizon)
     if opts.table_out:
         with open(opts.table_out, "w") as f:
             f.write(table)
     print(table)
-    draw(groups, opts.figure, horizon=min(float(c["env_steps"][-1]) for c in theirs.values()))
+    draw(groups, opts.figure, horizon)
     return 0
 
 

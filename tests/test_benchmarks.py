@@ -241,9 +241,9 @@ def test_authors_code_import_and_comparison(tmp_path):
         arrays = {"time_step": their_steps, "eval/episode_return": returns}
         arrays.update({"eval/episode_return_std": np.ones_like(returns), "eval/num_episodes": 64 + 0 * their_steps})
         np.savez(run / "metrics.npz", **arrays)
-    out = tmp_path / "authors" / "CartpoleBalance"
+    out = tmp_path / "authors" / authors_code.AUTHORS_IMPL / "CartpoleBalance"
     assert len(authors_code.import_runs(str(tmp_path / "runs"), str(out))) == 3
-    theirs = authors_code.load_seeds(str(out))
+    theirs = plot.load_results(str(tmp_path / "authors"))[(authors_code.AUTHORS_IMPL, "CartpoleBalance")]
     np.testing.assert_allclose(theirs[2]["env_steps"], [10_000, 20_000, 30_000, 40_000])
     np.testing.assert_allclose(theirs[1]["eval_return"], [70.0, 170.0, 270.0, 370.0])
     # Ours: the same curve to 100k (evaluated from step 0) -> cut at their horizon, 40k: no difference.
@@ -254,6 +254,7 @@ def test_authors_code_import_and_comparison(tmp_path):
     np.testing.assert_allclose(stats["ours"]["return at horizon"], [370.0, 400.0, 430.0])
     np.testing.assert_allclose(stats["ours"]["mean over run"], [220.0, 250.0, 280.0])  # mean of 100..400, + offset
     np.testing.assert_allclose(stats[authors_code.THEIRS]["mean over run"], stats["ours"]["mean over run"])
-    table = authors_code.comparison_table({"ours": ours, authors_code.THEIRS: theirs})
+    assert authors_code.their_horizon(theirs) == 40_000
+    table = authors_code.comparison_table({"ours": ours, authors_code.THEIRS: theirs}, horizon=40_000.0)
     assert "Horizon H = 40,000 env steps; mean over run on [10,000, 40,000]" in table
     assert "| ours | 3 | 370, 400, 430 | 400 ± 30 | 250 ± 30 | 0 [" in table and "p = 1.00" in table
