@@ -61,6 +61,12 @@ import torch.nn.functional as F
 import tyro
 from torch import nn
 
+# Playground tasks simulate in JAX inside this process, beside PyTorch. On a GPU, JAX would
+# by default reserve 75 % of the GPU's memory when it first touches it, leaving PyTorch the
+# rest; this makes JAX allocate what it uses instead. Set before JAX is first imported
+# (the variable is read when JAX starts its GPU client); an explicit value of yours wins.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 # ======================================================================================
 # 1. Args
 # ======================================================================================
@@ -532,7 +538,8 @@ class PlaygroundEnv:
 
 def _array_to_tensor(array: np.ndarray) -> torch.Tensor:
     # torch has no general uint32 support; JAX random keys are uint32, stored bit-for-bit as int32.
-    return torch.from_numpy(array.view(np.int32) if array.dtype == np.uint32 else array.copy())
+    # np.asarray of a JAX array is read-only, so the bits are copied into a tensor of its own.
+    return torch.from_numpy((array.view(np.int32) if array.dtype == np.uint32 else array).copy())
 
 
 def _tensor_to_array(tensor: torch.Tensor, dtype: str) -> np.ndarray:

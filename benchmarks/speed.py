@@ -1,5 +1,5 @@
 """Speed and memory of reppo_jax.py (and reppo_torch.py): compile time, steady-state
-env-steps/s after compilation (evaluation excluded) and peak RSS.
+env-steps/s after compilation (evaluation excluded), peak RSS and, on a GPU, peak GPU memory.
 
 Each measurement runs in a fresh subprocess so that its peak RSS is its own:
 
@@ -39,6 +39,10 @@ class Options:
     """iterations per timed chunk (the same chunk runs once untimed first); 0 picks 1 (paper) or 20 (cpu)"""
     json_out: str | None = None
     """also write the results to this JSON file"""
+    torch_compile: bool = False
+    """measure reppo_torch.py with --compile"""
+    torch_fused_adam: bool = False
+    """measure reppo_torch.py with --fused-adam (CUDA only; ignored by the file on a CPU)"""
 
 
 def measure_jax(cli: list[str], iterations: int) -> dict:
@@ -65,14 +69,29 @@ def measure_jax(cli: list[str], iterations: int) -> dict:
         "sps": iterations * args.num_envs * args.num_steps / seconds,
         "seconds_per_iteration": seconds / iterations,
         "peak_rss_mib": rj.peak_rss_mb(),
+        "peak_gpu_mib": jax_peak_gpu_mib(),
         "backend": jax.default_backend(),
     }
+
+
+def jax_peak_gpu_mib() -> float | None:
+    """Peak bytes JAX's allocator has handed out on the first device (None on a CPU). This
+    is what the arrays needed, not the pool JAX reserves up front (75 % of the GPU unless
+    XLA_PYTHON_CLIENT_PREALLOCATE=false)."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return None
+    return device.memory_stats()["peak_bytes_in_use"] / 2**20
 
 
 def measure_torch(cli: list[str], iterations: int) -> dict:
     """The same protocol for reppo_torch.py: build the Trainer, one untimed warm-up round of
     `iterations` iterations, then a timed round (evaluation excluded in both files)."""
     import time
+
+    import torch
 
     sys.path.insert(0, ROOT)
     import reppo_torch as rt
@@ -81,17 +100,28 @@ def measure_torch(cli: list[str], iterations: int) -> dict:
     start = time.perf_counter()
     trainer = rt.Trainer(args, args.seed, rt.torch_device(args))
     setup_seconds = time.perf_counter() - start
+    cuda = trainer.device.type == "cuda"
     for _ in range(iterations):
         trainer.train_iteration()
+    if cuda:
+        torch.cuda.synchronize()  # CUDA kernels run asynchronously: time finished work only
     start = time.perf_counter()
     for _ in range(iterations):
         trainer.train_iteration()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    # On a GPU: PyTorch's peak plus, for Playground tasks, the peak of the JAX simulator.
+    gpu_mib = None
+    if cuda:
+        jax_mib = jax_peak_gpu_mib() if trainer.env.suite == "dm_control" else 0.0
+        gpu_mib = torch.cuda.max_memory_allocated() / 2**20 + (jax_mib or 0.0)
     return {
         "compile_s": setup_seconds,  # no compilation by default: env set-up (JAX-side env step for Playground)
         "sps": iterations * args.num_envs * args.num_steps / seconds,
         "seconds_per_iteration": seconds / iterations,
         "peak_rss_mib": rt.peak_rss_mb(),
+        "peak_gpu_mib": gpu_mib,
         "backend": str(trainer.device),
     }
 
@@ -107,15 +137,21 @@ def main() -> None:
     for setting in options.settings:
         iterations = options.iterations or (1 if setting == "paper" else 20)
         for impl in options.implementations:
-            child = [sys.executable, __file__, "--child", impl, str(iterations), *SETTINGS[setting]]
-            out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
-            result = json.loads(out.split("RESULT ", 1)[1])
-            result.update(setting=setting, implementation=impl, iterations=iterations)
+            flags = []
+            if impl == "torch":
+                flags += ["--compile"] * options.torch_compile + ["--fused-adam"] * options.torch_fused_adam
+            child = [sys.executable, __file__, "--child", impl, str(iterations), *SETTINGS[setting], *flags]
+            done = subprocess.run(child, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{impl} {setting} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+            result = json.loads(done.stdout.split("RESULT ", 1)[1])
+            result.update(setting=setting, implementation=impl, iterations=iterations, flags=flags)
             results.append(result)
             print(
-                f"{impl:5s} {setting:5s}: {result['sps']:8,.0f} env-steps/s  "
+                f"{impl:5s} {setting:5s}{''.join(' ' + flag for flag in flags)}: {result['sps']:8,.0f} env-steps/s  "
                 f"({result['seconds_per_iteration'] * 1000:,.0f} ms/iteration)  compile {result['compile_s']:5.1f} s  "
-                f"peak RSS {result['peak_rss_mib']:6,.0f} MiB",
+                f"peak RSS {result['peak_rss_mib']:6,.0f} MiB"
+                + (f"  peak GPU {result['peak_gpu_mib']:6,.0f} MiB" if result["peak_gpu_mib"] is not None else ""),
                 flush=True,
             )
     if options.json_out:
