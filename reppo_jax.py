@@ -281,6 +281,8 @@ class EnvState(NamedTuple):
     episode_return: jax.Array  # (N,) undiscounted return of the running episode
     episode_length: jax.Array  # (N,) length of the running episode
     from_reset: jax.Array  # (N,) bool: the running episode started from a real reset
+    reset_pool: Any  # a fresh Playground State per env, waiting for its next reset (see step)
+    pool_fresh: jax.Array  # (N,) bool: the env's pool slot is still unused
 
 
 class StepResult(NamedTuple):
@@ -325,7 +327,11 @@ class AutoResetEnv:
         # not a complete episode, so its return is not logged in charts/episodic_return
         # (from_reset stays False until the env's first real reset).
         from_reset = jnp.full(self.num_envs, not randomize_steps)
-        return EnvState(physics, physics.obs, steps, zeros, zeros.astype(jnp.int32), from_reset)
+        # The reset pool starts empty (no slot fresh; `physics` only gives it its shape):
+        # step fills it when first needed, so evaluation, which never auto-resets, pays
+        # nothing for it.
+        no_slot = jnp.zeros(self.num_envs, bool)
+        return EnvState(physics, physics.obs, steps, zeros, zeros.astype(jnp.int32), from_reset, physics, no_slot)
 
     def step(
         self, state: EnvState, action: jax.Array, key: jax.Array, auto_reset: bool = True
@@ -348,7 +354,26 @@ class AutoResetEnv:
         episode_return = state.episode_return + reward
         episode_length = state.episode_length + 1
 
-        physics = self.reset_finished(stepped, done, key) if auto_reset else stepped
+        pool, pool_fresh = state.reset_pool, state.pool_fresh
+        if auto_reset:
+            # IMPLEMENTATION DETAIL 11: a finished env continues from its own slot of a pool
+            # of fresh episodes, and the pool is remade for all N envs at once, only when a
+            # finished env finds its slot used. A Playground reset can be far dearer than a
+            # step (CheetahRun's runs 200 physics steps to let the cheetah settle), and on a
+            # GPU its cost is the latency of those 200 steps in sequence, whatever the number
+            # of envs reset. With random step counters about N / episode_length envs finish
+            # on every step, so resetting just those inside the step meant a 200-step reset
+            # on nearly every step: 10.4k env-steps/s for the paper setting on CheetahRun on
+            # one H200 GPU. Resetting all N on every step would cost 200 * N physics steps
+            # per step (~7.8 s for 1024 cheetahs on a 2-core CPU). An env hits its time limit
+            # once per episode_length steps, so the pool is remade about that often (every
+            # ~31 iterations at the defaults), and every episode still starts from its own
+            # fresh random initial state.
+            pool, pool_fresh = self.refill_pool(pool, pool_fresh, done, key)
+            physics = jax.tree.map(lambda new, old: _where_env(done, new, old), pool, stepped)
+            pool_fresh = pool_fresh & ~done
+        else:
+            physics = stepped
         result = StepResult(
             next_obs=physics.obs,
             final_obs=final_obs,
@@ -366,36 +391,32 @@ class AutoResetEnv:
             episode_return=jnp.where(done, 0.0, episode_return),
             episode_length=jnp.where(done, 0, episode_length),
             from_reset=state.from_reset | done,
+            reset_pool=pool,
+            pool_fresh=pool_fresh,
         )
         return new_state, result
 
-    def reset_finished(self, physics, done: jax.Array, key: jax.Array):
-        """Replace the physics state of the envs flagged in ``done`` by fresh episodes.
+    def refill_pool(self, pool, pool_fresh: jax.Array, done: jax.Array, key: jax.Array):
+        """If an env finished whose pool slot is already used, replace the whole pool by N
+        fresh episodes, made in one batched reset (slot i for env i); else keep it.
 
-        Only the finished envs are reset. This matters: a Playground reset can be far
-        dearer than a step (CheetahRun's runs 200 physics steps to let the cheetah settle),
-        and with random step counters about num_envs / episode_length envs finish on every
-        step. Resetting all N and keeping the finished ones would cost 200 * N physics
-        steps per step (~7.8 s for 1024 cheetahs on a 2-core CPU, against ~31 ms for the
-        step itself). Instead a loop takes the finished envs ``chunk`` at a time (twice the
-        expected number per step), resets just those and writes them back; it runs zero
-        times on the (usual) steps where no episode ended.
+        A while loop that runs its body at most once stands in for ``lax.cond``: under
+        ``jax.vmap`` over seeds a cond turns into a select that would run the reset on
+        every step, while a vmapped while loop runs its body only if some seed needs it.
         """
-        chunk = min(self.num_envs, max(1, math.ceil(2 * self.num_envs / self.episode_length)))
 
-        def reset_some(carry):
-            pending, physics = carry
-            # Indices of up to `chunk` pending envs; the rest of the slots hold num_envs,
-            # an out-of-range index whose reads are harmless and whose writes are dropped.
-            index = jnp.nonzero(pending, size=chunk, fill_value=self.num_envs)[0]
-            # Each env's reset key depends on the step key and its index only, not on chunk.
-            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-            fresh = jax.vmap(self.env.reset)(keys)
-            physics = jax.tree.map(lambda old, new: old.at[index].set(new, mode="drop"), physics, fresh)
-            return pending.at[index].set(False, mode="drop"), physics
+        def fill(carry):
+            pool = jax.vmap(self.env.reset)(jax.random.split(key, self.num_envs))
+            return jnp.zeros((), bool), pool, jnp.ones(self.num_envs, bool)
 
-        _, physics = jax.lax.while_loop(lambda carry: carry[0].any(), reset_some, (done, physics))
-        return physics
+        needed = (done & ~pool_fresh).any()
+        _, pool, pool_fresh = jax.lax.while_loop(lambda carry: carry[0], fill, (needed, pool, pool_fresh))
+        return pool, pool_fresh
+
+
+def _where_env(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """``new`` for the envs flagged in ``mask`` (N,), ``old`` for the others; any leaf shape (N, ...)."""
+    return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
 
 
 # ======================================================================================

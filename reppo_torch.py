@@ -365,8 +365,8 @@ def make_jax_auto_reset(env, num_envs: int, episode_length: int, auto_reset: boo
 
     Returns a jitted ``reset(key, randomize_steps) -> carry`` and a plain (to be jitted by
     the caller) ``step(carry, action) -> (carry, outputs)``; ``carry`` is a tuple (a JAX pytree) of
-    (physics state, obs, step_count, episode_return, episode_length, from_reset, key)
-    and never leaves JAX; ``outputs`` are the arrays handed to PyTorch.
+    (physics state, obs, step_count, episode_return, episode_length, from_reset, reset_pool,
+    pool_fresh, key) and never leaves JAX; ``outputs`` are the arrays handed to PyTorch.
     """
     import jax
     import jax.numpy as jnp
@@ -385,33 +385,27 @@ def make_jax_auto_reset(env, num_envs: int, episode_length: int, auto_reset: boo
         # not a complete episode, so its return is not logged in charts/episodic_return
         # (from_reset stays False until the env's first real reset).
         from_reset = jnp.full(num_envs, not randomize_steps)
-        return (physics, physics.obs, steps, zeros, zeros.astype(jnp.int32), from_reset, key)
+        # The reset pool starts empty (no slot fresh; `physics` only gives it its shape):
+        # step fills it when first needed, so evaluation, which never auto-resets, pays
+        # nothing for it.
+        no_slot = jnp.zeros(num_envs, bool)
+        return (physics, physics.obs, steps, zeros, zeros.astype(jnp.int32), from_reset, physics, no_slot, key)
 
-    # Only the finished envs are reset: a Playground reset can be far dearer than a step
-    # (CheetahRun's runs 200 physics steps to let the cheetah settle), and with random
-    # step counters about num_envs / episode_length envs finish on every step. Resetting
-    # all N and keeping the finished ones would cost 200 * N physics steps per step (~7.8 s
-    # for 1024 cheetahs on a 2-core CPU, against ~31 ms for the step itself). A loop takes
-    # the finished envs `chunk` at a time (twice the expected number per step), resets just
-    # those and writes them back; it runs zero times on steps where no episode ended.
-    chunk = min(num_envs, max(1, math.ceil(2 * num_envs / episode_length)))
+    def refill_pool(pool, pool_fresh, done, key):
+        """If an env finished whose pool slot is already used, replace the whole pool by N
+        fresh episodes, made in one batched reset (slot i for env i); else keep it. (A while
+        loop that runs at most once, as in reppo_jax.py, where it must survive jax.vmap.)"""
 
-    def reset_finished(physics, done, key):
-        def reset_some(carry):
-            pending, physics = carry
-            # Indices of up to `chunk` pending envs; the rest of the slots hold num_envs,
-            # an out-of-range index whose reads are harmless and whose writes are dropped.
-            index = jnp.nonzero(pending, size=chunk, fill_value=num_envs)[0]
-            # Each env's reset key depends on the step key and its index only, not on chunk.
-            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-            fresh = jax.vmap(env.reset)(keys)
-            physics = jax.tree.map(lambda old, new: old.at[index].set(new, mode="drop"), physics, fresh)
-            return pending.at[index].set(False, mode="drop"), physics
+        def fill(carry):
+            pool = jax.vmap(env.reset)(jax.random.split(key, num_envs))
+            return jnp.zeros((), bool), pool, jnp.ones(num_envs, bool)
 
-        return jax.lax.while_loop(lambda carry: carry[0].any(), reset_some, (done, physics))[1]
+        needed = (done & ~pool_fresh).any()
+        _, pool, pool_fresh = jax.lax.while_loop(lambda carry: carry[0], fill, (needed, pool, pool_fresh))
+        return pool, pool_fresh
 
     def step(carry, action):
-        physics, _, step_count, episode_return, episode_length_so_far, from_reset, key = carry
+        physics, _, step_count, episode_return, episode_length_so_far, from_reset, pool, pool_fresh, key = carry
         key, key_reset = jax.random.split(key)
         stepped = jax.vmap(env.step)(physics, action)
         # DM Control tasks only "terminate" when the physics diverges (NaN state).
@@ -429,7 +423,28 @@ def make_jax_auto_reset(env, num_envs: int, episode_length: int, auto_reset: boo
         episode_return = episode_return + reward
         episode_length_so_far = episode_length_so_far + 1
 
-        physics = reset_finished(stepped, done, key_reset) if auto_reset else stepped
+        if auto_reset:
+            # IMPLEMENTATION DETAIL 11: a finished env continues from its own slot of a pool
+            # of fresh episodes, and the pool is remade for all N envs at once, only when a
+            # finished env finds its slot used. A Playground reset can be far dearer than a
+            # step (CheetahRun's runs 200 physics steps to let the cheetah settle), and on a
+            # GPU its cost is the latency of those 200 steps in sequence, whatever the number
+            # of envs reset. With random step counters about N / episode_length envs finish
+            # on every step, so resetting just those inside the step meant a 200-step reset
+            # on nearly every step: 10.4k env-steps/s for reppo_jax.py's paper setting on
+            # CheetahRun on one H200 GPU. Resetting all N on every step would cost 200 * N
+            # physics steps per step (~7.8 s for 1024 cheetahs on a 2-core CPU). An env hits
+            # its time limit once per episode_length steps, so the pool is remade about that
+            # often, and every episode still starts from its own fresh random initial state.
+            pool, pool_fresh = refill_pool(pool, pool_fresh, done, key_reset)
+
+            def where_done(new, old):
+                return jnp.where(done.reshape(done.shape + (1,) * (new.ndim - 1)), new, old)
+
+            physics = jax.tree.map(where_done, pool, stepped)
+            pool_fresh = pool_fresh & ~done
+        else:
+            physics = stepped
         outputs = (
             physics.obs,
             final_obs,
@@ -447,6 +462,8 @@ def make_jax_auto_reset(env, num_envs: int, episode_length: int, auto_reset: boo
             jnp.where(done, 0.0, episode_return),
             jnp.where(done, 0, episode_length_so_far),
             from_reset | done,
+            pool,
+            pool_fresh,
             key,
         )
         return carry, outputs

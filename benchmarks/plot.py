@@ -424,6 +424,8 @@ class Options:
     """write the markdown tables here (None: stdout)"""
     n_boot: int = 10_000
     """bootstrap resamples"""
+    prefix: str = "results"
+    """file names: {prefix}_{task}.png per task, and {prefix}_grid.png when there are several tasks"""
 
 
 def main(opts: Options) -> int:
@@ -435,8 +437,10 @@ def main(opts: Options) -> int:
     present = {t for (_, t) in results}
     tasks = [t for t in THRESHOLDS if t in present] + sorted(present - set(THRESHOLDS))
     for task in tasks:
-        plot_task(results, task, os.path.join(opts.out_dir, f"results_{task}.png"), opts.anchors_dir, opts.n_boot)
-    plot_grid(results, tasks, os.path.join(opts.out_dir, "results_grid.png"), opts.anchors_dir, opts.n_boot)
+        path = os.path.join(opts.out_dir, f"{opts.prefix}_{task}.png")
+        plot_task(results, task, path, opts.anchors_dir, opts.n_boot)
+    if len(tasks) > 1:
+        plot_grid(results, tasks, os.path.join(opts.out_dir, f"{opts.prefix}_grid.png"), opts.anchors_dir, opts.n_boot)
     tables = markdown_tables(results)
     if opts.table_out:
         with open(opts.table_out, "w") as f:

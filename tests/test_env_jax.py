@@ -7,19 +7,31 @@ import pytest
 
 import reppo_jax as rj
 
+# Compiling a wrapped MJX step costs tens of seconds on a CPU, so the tests below share one
+# wrapper shape (8 envs, episode length 4) and one jitted step, compiled once per module.
+NUM_ENVS, EPISODE_LENGTH = 8, 4
+
 
 @pytest.fixture(scope="module")
 def cartpole():
     return rj.make_env("CartpoleBalance", "jax", episode_length=1000)
 
 
-def test_time_limit_step_returns_the_true_final_observation(cartpole):
-    episode_length, num_envs = 5, 3
-    wrapped = rj.AutoResetEnv(cartpole, num_envs, episode_length)
+@pytest.fixture(scope="module")
+def wrapped(cartpole):
+    return rj.AutoResetEnv(cartpole, NUM_ENVS, EPISODE_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def step(wrapped):
+    return jax.jit(wrapped.step)
+
+
+def test_time_limit_step_returns_the_true_final_observation(cartpole, wrapped, step):
     state = wrapped.reset(jax.random.PRNGKey(0), randomize_steps=False)
-    action = jnp.full((num_envs, wrapped.action_size), 0.5)
+    action = jnp.full((NUM_ENVS, wrapped.action_size), 0.5)
     raw = state.physics  # the same start state, stepped without the wrapper
-    step = jax.jit(wrapped.step)
+    episode_length = EPISODE_LENGTH
     for t in range(episode_length):
         state, result = step(state, action, jax.random.PRNGKey(100 + t))
         raw = jax.vmap(cartpole.step)(raw, action)
@@ -91,30 +103,77 @@ def test_random_initial_step_counters_spread_resets(cartpole):
     assert not np.asarray(state.from_reset).any()  # the first, shortened episodes are not logged
 
 
-def test_only_finished_envs_are_reset_even_more_than_one_chunk(cartpole):
-    # 8 envs, episode length 4 -> the wrapper resets up to ceil(2 * 8 / 4) = 4 envs per
-    # loop pass; 6 envs finish on this step, so the loop must run twice.
-    num_envs, episode_length = 8, 4
-    wrapped = rj.AutoResetEnv(cartpole, num_envs, episode_length)
+def assert_envs_equal(physics, where_true, where_false, mask):
+    """Every leaf of ``physics`` equals ``where_true``'s where ``mask`` (N,), else ``where_false``'s."""
+    leaves = zip(*(jax.tree.leaves(x) for x in (physics, where_true, where_false)), strict=True)
+    for leaf, true_leaf, false_leaf in leaves:
+        shaped = np.reshape(mask, (-1,) + (1,) * (np.ndim(leaf) - 1))
+        np.testing.assert_allclose(leaf, np.where(shaped, true_leaf, false_leaf), atol=1e-6)
+
+
+def test_finished_envs_restart_from_a_fresh_pool_and_the_others_carry_on(cartpole, wrapped, step):
+    """The pool starts empty, so the first step where envs finish makes N fresh episodes in
+    one batched reset (keys split from the step key); the finished envs take their own
+    slots, the others keep their state and their (still fresh) slots."""
     state = wrapped.reset(jax.random.PRNGKey(5), randomize_steps=False)
+    assert not np.asarray(state.pool_fresh).any()
     finishing = np.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
-    state = state._replace(step_count=jnp.where(finishing, episode_length - 1, 0))
-    action = jnp.full((num_envs, wrapped.action_size), -0.3)
+    state = state._replace(step_count=jnp.where(finishing, EPISODE_LENGTH - 1, 0))
+    action = jnp.full((NUM_ENVS, wrapped.action_size), -0.3)
     key = jax.random.PRNGKey(42)
-    new_state, result = jax.jit(wrapped.step)(state, action, key)
+    new_state, result = step(state, action, key)
 
     np.testing.assert_array_equal(result.truncated, finishing)
     stepped = jax.vmap(cartpole.step)(state.physics, action)
-    fresh = jax.vmap(cartpole.reset)(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_envs)))
-    expected = np.where(finishing[:, None], fresh.obs, stepped.obs)
-    np.testing.assert_allclose(result.next_obs, expected, atol=1e-6)
+    fresh = jax.vmap(cartpole.reset)(jax.random.split(key, NUM_ENVS))
+    np.testing.assert_allclose(result.next_obs, np.where(finishing[:, None], fresh.obs, stepped.obs), atol=1e-6)
     np.testing.assert_allclose(result.final_obs, stepped.obs, atol=1e-6)
-    for new, old_stepped, old_fresh in zip(
-        jax.tree.leaves(new_state.physics), jax.tree.leaves(stepped), jax.tree.leaves(fresh), strict=True
-    ):
-        mask = finishing.reshape((-1,) + (1,) * (np.ndim(new) - 1))
-        np.testing.assert_allclose(new, np.where(mask, old_fresh, old_stepped), atol=1e-6)
+    assert_envs_equal(new_state.physics, fresh, stepped, finishing)
+    assert_envs_equal(new_state.reset_pool, fresh, fresh, finishing)
+    np.testing.assert_array_equal(new_state.pool_fresh, ~finishing)
     np.testing.assert_array_equal(new_state.step_count, np.where(finishing, 0, 1))
+
+
+def test_a_used_slot_remakes_the_pool_an_unused_one_does_not(cartpole, wrapped, step):
+    """An env that finishes with its slot unused takes it and leaves the pool alone; an env
+    that finishes again (its slot used) has the whole pool remade first."""
+    state = wrapped.reset(jax.random.PRNGKey(6), randomize_steps=False)
+    action = jnp.full((NUM_ENVS, wrapped.action_size), 0.2)
+    first = np.array([1, 0, 0, 0, 0, 0, 0, 0], bool)
+    state = state._replace(step_count=jnp.where(first, EPISODE_LENGTH - 1, 0))
+    state, _ = step(state, action, jax.random.PRNGKey(7))  # fills the pool; env 0 takes slot 0
+    pool = state.reset_pool
+
+    second = np.array([0, 0, 1, 0, 0, 0, 0, 0], bool)  # env 2: its slot is unused
+    state = state._replace(step_count=jnp.where(second, EPISODE_LENGTH - 1, 1))
+    stepped = jax.vmap(cartpole.step)(state.physics, action)
+    state, result = step(state, action, jax.random.PRNGKey(8))
+    np.testing.assert_allclose(result.next_obs, np.where(second[:, None], pool.obs, stepped.obs), atol=1e-6)
+    assert_envs_equal(state.reset_pool, pool, pool, second)  # the pool is unchanged
+    np.testing.assert_array_equal(state.pool_fresh, ~(first | second))
+
+    third = first  # env 0 again: its slot is used, so the pool is remade with this step's key
+    state = state._replace(step_count=jnp.where(third, EPISODE_LENGTH - 1, 1))
+    key = jax.random.PRNGKey(9)
+    stepped = jax.vmap(cartpole.step)(state.physics, action)
+    state, result = step(state, action, key)
+    fresh = jax.vmap(cartpole.reset)(jax.random.split(key, NUM_ENVS))
+    np.testing.assert_allclose(result.next_obs, np.where(third[:, None], fresh.obs, stepped.obs), atol=1e-6)
+    assert not np.allclose(result.next_obs[0], pool.obs[0])
+    np.testing.assert_array_equal(state.pool_fresh, ~third)
+
+
+def test_pool_refill_under_vmap_only_for_the_seeds_that_need_it(wrapped):
+    """refill_pool vmapped over seeds (as --num-seeds runs the wrapper): a seed with no
+    finished env on a used slot keeps its pool exactly."""
+    states = jax.vmap(lambda k: wrapped.reset(k, randomize_steps=False))(jax.random.split(jax.random.PRNGKey(10), 2))
+    done = jnp.array([[True] + [False] * (NUM_ENVS - 1), [False] * NUM_ENVS])
+    keys = jax.random.split(jax.random.PRNGKey(11), 2)
+    pool, fresh = jax.jit(jax.vmap(wrapped.refill_pool))(states.reset_pool, states.pool_fresh, done, keys)
+    np.testing.assert_array_equal(fresh, [[True] * NUM_ENVS, [False] * NUM_ENVS])
+    for new, old in zip(jax.tree.leaves(pool), jax.tree.leaves(states.reset_pool), strict=True):
+        np.testing.assert_array_equal(new[1], old[1])
+    assert not np.allclose(pool.obs[0], states.reset_pool.obs[0])
 
 
 def test_evaluation_steps_do_not_reset(cartpole):

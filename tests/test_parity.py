@@ -264,25 +264,31 @@ def test_one_clipped_adam_step_agrees(nets):
     compare_grads(new_params, critic, [p.detach() for p in torch_params], rtol=1e-5)
 
 
-def test_auto_reset_wrappers_agree_on_a_step_with_partial_resets():
+@pytest.mark.parametrize("slots", ["all fresh", "some used"])
+def test_auto_reset_wrappers_agree_on_a_step_with_partial_resets(slots):
     """The JAX side of reppo_torch.py's Playground bridge and reppo_jax.AutoResetEnv: the
     same state, action and reset key give the same step outputs, with 6 of 8 envs
-    finishing (more than one reset chunk) and the other 2 carrying on."""
+    finishing and the other 2 carrying on; the finished envs take their reset-pool slots
+    as they are ('all fresh') or after the pool is remade ('some used')."""
     num_envs, episode_length = 8, 4
     env = rj.make_env("CartpoleBalance", "jax", episode_length=1000)
     wrapped = rj.AutoResetEnv(env, num_envs, episode_length)
     state = wrapped.reset(jax.random.PRNGKey(5), randomize_steps=False)
+    pool, _ = wrapped.refill_pool(state.reset_pool, state.pool_fresh, jnp.ones(num_envs, bool), jax.random.PRNGKey(6))
     finishing = jnp.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
-    state = state._replace(step_count=jnp.where(finishing, episode_length - 1, 0))
+    pool_fresh = jnp.ones(num_envs, bool) if slots == "all fresh" else jnp.array([1, 0, 1, 1, 1, 0, 1, 1], bool)
+    state = state._replace(
+        step_count=jnp.where(finishing, episode_length - 1, 0), reset_pool=pool, pool_fresh=pool_fresh
+    )
     action = jnp.full((num_envs, wrapped.action_size), 0.4)
     carry_key = jax.random.PRNGKey(9)
     _, key_reset = jax.random.split(carry_key)  # what the bridge's step draws from its carried key
 
-    _, jax_result = jax.jit(wrapped.step)(state, action, key_reset)
+    jax_state, jax_result = jax.jit(wrapped.step)(state, action, key_reset)
     _, torch_step = rt.make_jax_auto_reset(env, num_envs, episode_length)
     carry = (state.physics, state.obs, state.step_count, state.episode_return, state.episode_length)
-    carry = carry + (state.from_reset, carry_key)
-    _, outputs = jax.jit(torch_step)(carry, action)
+    carry = carry + (state.from_reset, state.reset_pool, state.pool_fresh, carry_key)
+    torch_carry, outputs = jax.jit(torch_step)(carry, action)
     next_obs, final_obs, reward, terminated, truncated, episode_done, episode_return, length = outputs
     np.testing.assert_array_equal(next_obs, jax_result.next_obs)
     np.testing.assert_array_equal(final_obs, jax_result.final_obs)
@@ -293,4 +299,8 @@ def test_auto_reset_wrappers_agree_on_a_step_with_partial_resets():
     np.testing.assert_array_equal(episode_done > 0, jax_result.episode_done)
     np.testing.assert_array_equal(episode_return, jax_result.episode_return)
     np.testing.assert_array_equal(length, jax_result.episode_length)
+    for torch_leaf, jax_leaf in zip(jax.tree.leaves(torch_carry[6:8]), jax.tree.leaves(jax_state[6:8]), strict=True):
+        np.testing.assert_array_equal(torch_leaf, jax_leaf)  # the same pool and fresh slots after
+    remade = slots == "some used"
+    assert np.allclose(np.asarray(next_obs)[0], np.asarray(pool.obs)[0]) != remade
     assert not np.allclose(np.asarray(next_obs)[np.asarray(finishing)], np.asarray(final_obs)[np.asarray(finishing)])
