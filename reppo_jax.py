@@ -363,12 +363,13 @@ class AutoResetEnv:
             # GPU its cost is the latency of those 200 steps in sequence, whatever the number
             # of envs reset. With random step counters about N / episode_length envs finish
             # on every step, so resetting just those inside the step meant a 200-step reset
-            # on nearly every step: 10.4k env-steps/s for the paper setting on CheetahRun on
-            # one H200 GPU. Resetting all N on every step would cost 200 * N physics steps
-            # per step (~7.8 s for 1024 cheetahs on a 2-core CPU). An env hits its time limit
-            # once per episode_length steps, so the pool is remade about that often (every
-            # ~31 iterations at the defaults), and every episode still starts from its own
-            # fresh random initial state.
+            # on nearly every step (code that did so ran the paper setting on CheetahRun at
+            # 10.4k env-steps/s on one H200 GPU; this pool's speed there is not yet measured).
+            # Resetting all N on every step would cost 200 * N physics steps per step (~7.8 s
+            # for 1024 cheetahs on a 2-core CPU). An env hits its time limit once per
+            # episode_length steps, so the pool is remade about that often (every ~31
+            # iterations at the defaults), and every episode still starts from its own fresh
+            # random initial state.
             pool, pool_fresh = self.refill_pool(pool, pool_fresh, done, key)
             physics = jax.tree.map(lambda new, old: _where_env(done, new, old), pool, stepped)
             pool_fresh = pool_fresh & ~done
