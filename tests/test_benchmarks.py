@@ -170,7 +170,12 @@ def test_plot_writes_pngs(tree, tmp_path):
     table = tmp_path / "tables.md"
     opts = plot.Options(results_dir=str(tree), out_dir=str(out), table_out=str(table), n_boot=200)
     assert plot.main(opts) == 0
-    for name in ["results_CartpoleBalance.png", "results_grid.png"]:
+    assert not (out / "results_grid.png").exists()  # one task: its own figure, no grid
+    # A second task: one figure per task plus the grid, under the chosen file prefix.
+    write_curve(tree / "reppo_jax" / "ReacherEasy" / "seed1.csv", STEPS, true_curve(STEPS))
+    opts = plot.Options(results_dir=str(tree), out_dir=str(out), table_out=str(table), n_boot=200, prefix="gpu")
+    assert plot.main(opts) == 0
+    for name in ["results_CartpoleBalance.png", "gpu_CartpoleBalance.png", "gpu_ReacherEasy.png", "gpu_grid.png"]:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "Final return" in table.read_text()
