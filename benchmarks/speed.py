@@ -114,7 +114,7 @@ def measure_torch(cli: list[str], iterations: int) -> dict:
     # On a GPU: PyTorch's peak plus, for Playground tasks, the peak of the JAX simulator.
     gpu_mib = None
     if cuda:
-        jax_mib = jax_peak_gpu_mib() if trainer.env.suite == "dm_control" else 0.0
+        jax_mib = jax_peak_gpu_mib() if trainer.env.suite == "dm_control" else None
         gpu_mib = torch.cuda.max_memory_allocated() / 2**20 + (jax_mib or 0.0)
     return {
         "compile_s": setup_seconds,  # no compilation by default: env set-up (JAX-side env step for Playground)
