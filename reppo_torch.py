@@ -179,7 +179,8 @@ class Args:
     compile: bool = False
     """torch.compile the two losses (their forward and backward graphs)"""
     fused_adam: bool = False
-    """CUDA only: Adam's fused kernel (the same update rule in one kernel launch)"""
+    """Adam's fused kernel, on CPU or CUDA (the same update rule in one kernel per step instead of
+    a loop over parameters)"""
     torch_threads: int = 0
     """CPU threads of PyTorch's own kernels; 0 keeps PyTorch's default (one per core). On a CPU
     shared with other busy processes pass 1: OpenMP threads that wait for a busy core ran 10-70x
@@ -1137,7 +1138,7 @@ class Trainer:
         self.actor_params = list(self.actor.parameters()) + [self.log_alpha, self.log_beta]
         self.critic_params = list(self.critic.parameters())
         adam = {"lr": args.learning_rate, "betas": (0.9, 0.999), "eps": 1e-8}  # optax.adam's defaults
-        if args.fused_adam and device.type == "cuda":
+        if args.fused_adam:
             adam["fused"] = True
         self.actor_opt = torch.optim.Adam(self.actor_params, **adam)
         self.critic_opt = torch.optim.Adam(self.critic_params, **adam)

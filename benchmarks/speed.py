@@ -42,7 +42,7 @@ class Options:
     torch_compile: bool = False
     """measure reppo_torch.py with --compile"""
     torch_fused_adam: bool = False
-    """measure reppo_torch.py with --fused-adam (CUDA only; ignored by the file on a CPU)"""
+    """measure reppo_torch.py with --fused-adam (Adam's fused kernel, CPU or CUDA)"""
 
 
 def measure_jax(cli: list[str], iterations: int) -> dict:
