@@ -18,9 +18,12 @@ wall-clock column: their evaluation is inside their timed loop). How their code 
 and run is in docs/results.md ("REPPO against the authors' code"); their code is not part of
 this repository.
 
-`compare` reads those CSVs and our grid's `benchmarks/results/{reppo_jax,reppo_torch}/
-CartpoleBalance/seed*.csv`, cuts every curve at the authors' horizon H (their last evaluation,
-491,520 steps) and tests, per seed, with plot.welch_test:
+`compare` reads those CSVs, our grid's `benchmarks/results/{reppo_jax,reppo_torch}/
+CartpoleBalance/seed*.csv` (1M steps) and our extra seeds run only to H in the authors' tree
+(`benchmarks/authors/{reppo_jax,reppo_torch}/CartpoleBalance/seed*.csv`, written by
+`python benchmarks/grid.py --implementations reppo_jax --tasks CartpoleBalance --seeds 4 5 6 7 8
+--budget 491520 --results-dir benchmarks/authors`), cuts every curve at the authors' horizon H
+(their last evaluation, 491,520 steps) and tests, per seed, with plot.welch_test:
 - the return at H (linear interpolation; both evaluate exactly at 491,520);
 - the mean return over [S, H], S = the latest first evaluation over all curves (their first
   evaluation comes after 24,576 steps of training; ours at step 0), on a 101-point grid.
@@ -147,7 +150,8 @@ class Options:
     runs_dir: str | None = None
     """import: the folder holding the authors' hydra run folders cartpole_seed{S}/"""
     authors_dir: str = os.path.join(HERE, "authors")
-    """the authors' code's result tree, {authors_dir}/reppo_authors/CartpoleBalance/seed{S}.csv (written by import)"""
+    """the authors' code's result tree, {authors_dir}/reppo_authors/CartpoleBalance/seed{S}.csv (written by
+    import), and our extra seeds to the same horizon, {authors_dir}/reppo_{jax,torch}/CartpoleBalance/"""
     results_dir: str = os.path.join(HERE, "results")
     """our grid's result tree (benchmarks/grid.py)"""
     figure: str = os.path.join(os.path.dirname(HERE), "docs", "images", f"authors_{TASK}.png")
@@ -164,8 +168,18 @@ def main(opts: Options) -> int:
         print("\n".join(written) if written else f"no cartpole_seed*/metrics.npz under {opts.runs_dir}")
         return 0 if written else 1
     ours = plot.load_results(opts.results_dir)
-    groups = {label: ours[(impl, TASK)] for impl, label in OURS.items() if (impl, TASK) in ours}
-    theirs = plot.load_results(opts.authors_dir).get((AUTHORS_IMPL, TASK), {})
+    more = plot.load_results(opts.authors_dir)  # our extra seeds run to H only (benchmarks/grid.py --budget H)
+    groups = {}
+    for impl, label in OURS.items():
+        seeds = dict(ours.get((impl, TASK), {}))
+        for seed, curve in more.get((impl, TASK), {}).items():
+            if seed in seeds:
+                print(f"{impl} seed {seed} is in both {opts.results_dir} and {opts.authors_dir}", file=sys.stderr)
+                return 1
+            seeds[seed] = curve
+        if seeds:
+            groups[label] = dict(sorted(seeds.items()))
+    theirs = more.get((AUTHORS_IMPL, TASK), {})
     if not groups or not theirs:
         print(f"need CSVs under {opts.authors_dir} and {opts.results_dir}/reppo_*/{TASK}", file=sys.stderr)
         return 1

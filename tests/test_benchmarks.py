@@ -263,3 +263,35 @@ def test_authors_code_import_and_comparison(tmp_path):
     table = authors_code.comparison_table({"ours": ours, authors_code.THEIRS: theirs}, horizon=40_000.0)
     assert "Horizon H = 40,000 env steps; mean over run on [10,000, 40,000]" in table
     assert "| ours | 3 | 370, 400, 430 | 400 ± 30 | 250 ± 30 | 0 [" in table and "p = 1.00" in table
+
+
+def test_authors_code_compare_merges_our_extra_seeds(tmp_path):
+    """`compare` pools our grid's seeds with our extra seeds run only to H in the authors' tree."""
+    import authors_code
+
+    def write(root, impl, seed, steps, returns):
+        folder = root / impl / "CartpoleBalance"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"seed{seed}.csv", "w") as f:
+            f.write("env_steps,wall_seconds,eval_return,eval_return_std\n")
+            f.writelines(f"{s},{s / 100},{r},1.0\n" for s, r in zip(steps, returns))
+
+    grid_dir, authors_dir = tmp_path / "results", tmp_path / "authors"
+    for seed, final in {1: 300.0, 2: 500.0}.items():  # our grid: 0..80k, past their horizon
+        write(grid_dir, "reppo_jax", seed, [0, 40_000, 80_000], [100.0, final, 900.0])
+    write(authors_dir, "reppo_jax", 4, [0, 20_000, 40_000], [100.0, 250.0, 700.0])  # an extra seed, to H only
+    for seed in (1, 2, 3):
+        write(authors_dir, authors_code.AUTHORS_IMPL, seed, [10_000, 40_000], [150.0, 400.0 + seed])
+    opts = authors_code.Options(
+        results_dir=str(grid_dir),
+        authors_dir=str(authors_dir),
+        figure=str(tmp_path / "fig.png"),
+        table_out=str(tmp_path / "table.md"),
+    )
+    assert authors_code.main(opts) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "Horizon H = 40,000 env steps" in table
+    assert "| REPPO (JAX) | 3 | 300, 500, 700 | 500 ± 200 |" in table
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    write(authors_dir, "reppo_jax", 1, [0, 40_000], [100.0, 300.0])  # the same seed in both trees: refused
+    assert authors_code.main(opts) == 1
