@@ -270,11 +270,7 @@ def test_authors_code_compare_merges_our_extra_seeds(tmp_path):
     import authors_code
 
     def write(root, impl, seed, steps, returns):
-        folder = root / impl / "CartpoleBalance"
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"seed{seed}.csv", "w") as f:
-            f.write("env_steps,wall_seconds,eval_return,eval_return_std\n")
-            f.writelines(f"{s},{s / 100},{r},1.0\n" for s, r in zip(steps, returns))
+        write_curve(root / impl / "CartpoleBalance" / f"seed{seed}.csv", steps, returns)
 
     grid_dir, authors_dir = tmp_path / "results", tmp_path / "authors"
     for seed, final in {1: 300.0, 2: 500.0}.items():  # our grid: 0..80k, past their horizon
