@@ -44,6 +44,7 @@ import math
 import os
 import platform
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -1329,6 +1330,10 @@ def train(args: Args) -> str:
 
     train_seconds = 0.0
     train_steps = 0
+    # Ctrl-C: the first one lets the running chunk finish (one jitted call: Python could not
+    # stop it anyway) and then saves a checkpoint of the last completed iteration, so that
+    # --resume continues exactly; a second Ctrl-C stops at once without saving.
+    interrupted = install_interrupt_handler()
     try:
         if iteration == 0:  # the untrained policy, so curves start at step 0
             returns = runner.evaluate(state)
@@ -1337,7 +1342,10 @@ def train(args: Args) -> str:
         logger.write(f"compiled in {runner.compile_seconds:.1f} s (not counted in SPS)")
         while iteration < num_iterations:
             chunk = chunk_length(iteration, num_iterations, args.log_interval)
-            runner.compile_chunk(state, chunk)
+            runner.compile_chunk(state, chunk)  # a no-op once this chunk length is compiled
+            if interrupted["flag"]:
+                interrupted["clean"] = True  # stopped between chunks
+                raise KeyboardInterrupt
             start = time.perf_counter()
             new_state, metrics = runner.train_chunk(state, chunk)
             metrics = jax.device_get(metrics)
@@ -1366,12 +1374,48 @@ def train(args: Args) -> str:
             f"(after compilation; compile {runner.compile_seconds:.1f} s), peak RSS {peak_rss_mb():,.0f} MiB"
         )
     except KeyboardInterrupt:
-        save_checkpoint(checkpoint_path, state, args, iteration * batch_size)
-        logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
+        if interrupted["clean"]:
+            save_checkpoint(checkpoint_path, state, args, iteration * batch_size)
+            logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
+        else:
+            logger.write("interrupted inside a chunk (Ctrl-C twice): no checkpoint written")
         logger.close()
         raise
+    finally:
+        restore_interrupt_handler()
     logger.close()
     return run_dir
+
+
+_previous_sigint_handler: Any = None
+
+
+def install_interrupt_handler() -> dict[str, bool]:
+    """SIGINT sets a flag the training loop reads between chunks; a second SIGINT raises
+    KeyboardInterrupt at once."""
+    global _previous_sigint_handler
+    state = {"flag": False, "clean": False}
+
+    def handler(signum, frame):
+        if state["flag"]:
+            raise KeyboardInterrupt
+        state["flag"] = True
+        print(
+            "\nCtrl-C: finishing this chunk of iterations (up to the next log point), then saving a "
+            "checkpoint (Ctrl-C again to stop now)",
+            file=sys.stderr,
+        )
+
+    try:
+        _previous_sigint_handler = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (e.g. some test runners): plain KeyboardInterrupt
+        _previous_sigint_handler = None
+    return state
+
+
+def restore_interrupt_handler() -> None:
+    if _previous_sigint_handler is not None:
+        signal.signal(signal.SIGINT, _previous_sigint_handler)
 
 
 def _eval_row(args: Args, seed_index: int, returns: np.ndarray) -> dict[str, float]:

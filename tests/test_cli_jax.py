@@ -124,7 +124,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     code, err, run_dir = interrupt_a_run("reppo_jax.py", tmp_path)
-    assert code == 130 and "interrupted: saved" in err and "Traceback" not in err
+    assert code == 130 and "interrupted: saved" in err and "Traceback" not in err, f"exit {code}\n{err}"
     with np.load(os.path.join(run_dir, "checkpoint.npz")) as data:
         step = json.loads(str(data["meta"]))["global_step"]
     assert step >= 2 * BATCH and step % BATCH == 0

@@ -148,7 +148,7 @@ def test_num_seeds_runs_each_seed_in_its_own_folder(tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     code, err, run_dir = interrupt_a_run("reppo_torch.py", tmp_path)
-    assert code == 130 and "interrupted: saved" in err and "Traceback" not in err
+    assert code == 130 and "interrupted: saved" in err and "Traceback" not in err, f"exit {code}\n{err}"
     payload = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     step = payload["global_step"]
     assert step >= 2 * BATCH and step % BATCH == 0 and payload["trainer"]["iteration"] == step // BATCH
