@@ -524,6 +524,8 @@ class PlaygroundEnv:
             return self._pack(jax.tree.leaves(carry)), jax.numpy.concatenate(columns, axis=1)  # (N, 2 O + 6)
 
         self._step_packed = jax.jit(step_packed)
+        # Jitted once here: a fresh jax.jit(...) per call would trace and compile again each time.
+        self._pack_jit, self._unpack_jit = jax.jit(self._pack), jax.jit(self._unpack)
 
     # The carry crosses the jit boundary packed into one flat buffer per dtype (4 arrays
     # instead of ~200: MJX's state has many fields, and the reset pool doubles them). A
@@ -558,7 +560,7 @@ class PlaygroundEnv:
         self._carry_layout = [(str(x.dtype), tuple(x.shape)) for x in leaves]
         # Committed to the device like step()'s outputs, which jit would otherwise tell
         # apart from reset()'s (uncommitted) ones and compile step() for each.
-        self.carry = jax.device_put(jax.jit(self._pack)(leaves), jax.devices()[0])
+        self.carry = jax.device_put(self._pack_jit(leaves), jax.devices()[0])
         return jax_to_torch(carry[1], self.device)
 
     def step(self, action: torch.Tensor) -> StepResult:
@@ -575,9 +577,7 @@ class PlaygroundEnv:
     # The JAX-side state is part of a checkpoint (unpacked: one array per field), so that a
     # resumed run continues exactly.
     def get_state(self) -> dict:
-        import jax
-
-        leaves = [np.asarray(leaf) for leaf in jax.jit(self._unpack)(self.carry) + [self.key]]
+        leaves = [np.asarray(leaf) for leaf in self._unpack_jit(self.carry) + [self.key]]
         return {"leaves": [_array_to_tensor(leaf) for leaf in leaves], "dtypes": [str(a.dtype) for a in leaves]}
 
     def set_state(self, saved: dict) -> None:
@@ -589,7 +589,7 @@ class PlaygroundEnv:
             raise UserError(
                 f"checkpoint env state has {len(leaves)} arrays, this env needs {len(self._carry_layout) + 1}"
             )
-        self.carry = jax.device_put(jax.jit(self._pack)(leaves[:-1]), jax.devices()[0])
+        self.carry = jax.device_put(self._pack_jit(leaves[:-1]), jax.devices()[0])
         self.key = leaves[-1]
 
 
