@@ -181,6 +181,10 @@ class Args:
     fused_adam: bool = False
     """Adam's fused kernel, on CPU or CUDA (the same update rule in one kernel per step instead of
     a loop over parameters)"""
+    cuda_graphs: bool = False
+    """CUDA only: record one whole minibatch update (both losses, their gradients, clipping and
+    both Adam steps, with Adam's capturable mode) once as a CUDA graph and replay it: several
+    hundred small kernels launched as one; the same kernels on the same numbers"""
     torch_threads: int = 0
     """CPU threads of PyTorch's own kernels; 0 keeps PyTorch's default (one per core). On a CPU
     shared with other busy processes pass 1: OpenMP threads that wait for a busy core ran 10-70x
@@ -246,6 +250,8 @@ def resolve_args(args: Args) -> Args:
     args = dataclasses.replace(args, **filled)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but PyTorch finds no CUDA device")
+    if args.cuda_graphs and torch_device(args).type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA device (CUDA graphs replay GPU kernels); leave it off on the CPU")
     if suite == "maniskill" and torch_device(args).type != "cuda" and args.num_envs != 1:
         # physx_cpu simulates exactly one env per process (measured; see .ci/maniskill_notes.md).
         args = dataclasses.replace(args, num_envs=1)
@@ -1143,6 +1149,20 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> None:
     torch._foreach_mul_(grads, scale)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Adam's saved moments and step counts, under THIS run's speed switches. A state dict
+    also carries its param groups' settings, which ``load_state_dict`` would copy over
+    ours: a run resumed with --fused-adam or --cuda-graphs from a checkpoint saved without
+    them would silently lose them (or fail to record its graph). The switches are set in the
+    saved groups first, so that Adam also places the step counts where they need to be."""
+    switches = ("foreach", "fused", "capturable")
+    groups = [
+        {**group, **{key: ours[key] for key in switches if key in ours}}
+        for group, ours in zip(saved["param_groups"], optimizer.param_groups)
+    ]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+
+
 class Trainer:
     """Everything one seed's training holds: networks, multipliers, optimisers, normaliser,
     envs and the random generator; ``train_iteration`` is one REPPO iteration."""
@@ -1178,6 +1198,10 @@ class Trainer:
         adam = {"lr": args.learning_rate, "betas": (0.9, 0.999), "eps": 1e-8}  # optax.adam's defaults
         if args.fused_adam:
             adam["fused"] = True
+        if args.cuda_graphs:
+            # Adam keeps its step count on the GPU and computes the bias correction there, so
+            # that a replayed graph reads the current count (the same formula, on the device).
+            adam["capturable"] = True
         self.actor_opt = torch.optim.Adam(self.actor_params, **adam)
         self.critic_opt = torch.optim.Adam(self.critic_params, **adam)
         self.normalizer = normalizer_init(obs_size, device)
@@ -1187,6 +1211,7 @@ class Trainer:
         self.critic_loss_fn, self.actor_loss_fn = critic_loss, actor_loss
         if args.compile:
             self.critic_loss_fn, self.actor_loss_fn = torch.compile(critic_loss), torch.compile(actor_loss)
+        self.graph = None  # --cuda-graphs: the recorded minibatch update, made at first use
         self.iteration = 0
         self.obs = self.env.reset(randomize_steps=True)  # (N, O)
 
@@ -1231,35 +1256,47 @@ class Trainer:
         return buf
 
     def update_minibatch(self, minibatch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One critic step, then one actor step (SPEC section 8)."""
+        """One critic step, then one actor step (SPEC section 8), on a minibatch of rollout
+        fields (obs, action, target_return, next_features, reward, terminated, old_mean,
+        old_std; each (B, ...)). Returns the losses' metrics as 0-d tensors."""
+        # Fresh noise for this minibatch's reparameterised actions and KL samples, drawn
+        # here (outside any CUDA graph) so that every path reads the same random numbers.
+        shape = minibatch["old_mean"].shape  # (B, A)
+        inputs = {
+            **minibatch,
+            "action_noise": self.normal(*shape),
+            "kl_noise": self.normal(self.args.num_kl_samples, *shape),
+        }
+        if self.args.cuda_graphs:
+            return self._replay_update(inputs)
+        return self._update(inputs)
+
+    def _update(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The update itself: critic loss and step, then actor loss and step."""
         args = self.args
         loss, critic_info = self.critic_loss_fn(
             self.critic,
-            minibatch["obs"],
-            minibatch["action"],
-            minibatch["target_return"],
-            minibatch["next_features"],
-            minibatch["reward"],
-            minibatch["terminated"],
+            inputs["obs"],
+            inputs["action"],
+            inputs["target_return"],
+            inputs["next_features"],
+            inputs["reward"],
+            inputs["terminated"],
             args.vmin,
             args.vmax,
             args.aux_coef,
         )
         self._step(self.critic_opt, self.critic_params, loss)
-
-        # Fresh noise for this minibatch's reparameterised actions and KL samples.
-        action_noise = self.normal(*minibatch["old_mean"].shape)
-        kl_noise = self.normal(args.num_kl_samples, *minibatch["old_mean"].shape)
         loss, actor_info = self.actor_loss_fn(
             self.actor,
             self.log_alpha,
             self.log_beta,
             self.critic,  # the freshly updated critic
-            minibatch["obs"],
-            minibatch["old_mean"],
-            minibatch["old_std"],
-            action_noise,
-            kl_noise,
+            inputs["obs"],
+            inputs["old_mean"],
+            inputs["old_std"],
+            inputs["action_noise"],
+            inputs["kl_noise"],
             args.kl_bound,
             self.entropy_target,
             args.vmin,
@@ -1267,6 +1304,37 @@ class Trainer:
         )
         self._step(self.actor_opt, self.actor_params, loss)
         return {**critic_info, **actor_info}
+
+    def _replay_update(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """--cuda-graphs: one minibatch update as a replay of a recorded CUDA graph.
+
+        Eager PyTorch launches each of an update's several hundred small kernels from Python
+        (on a GPU each launch costs more than the kernel's own work at these sizes); a CUDA
+        graph records them once and relaunches them all with one call. A graph reads and
+        writes fixed memory, so the inputs are copied into fixed tensors (``graph_inputs``)
+        and the metrics are copied out of fixed ones after each replay. Nothing in
+        ``_update`` waits for the CPU (no ``.item()``, no branch on a tensor's value), which
+        is what recording needs. At the first call, this minibatch is updated eagerly on a
+        side stream (which creates Adam's moments and the libraries' workspaces, as a
+        recording must find them), then the graph is recorded: recording runs nothing.
+        """
+        if self.graph is None:
+            self.graph_inputs = {name: value.clone() for name, value in inputs.items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                info = self._update(self.graph_inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                recorded = self._update(self.graph_inputs)
+                self.graph_metric_names = list(recorded)
+                self.graph_metrics = torch.stack([recorded[name].float() for name in self.graph_metric_names])
+            return info
+        for name, value in inputs.items():
+            self.graph_inputs[name].copy_(value)
+        self.graph.replay()
+        return dict(zip(self.graph_metric_names, self.graph_metrics.clone().unbind()))
 
     def _step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor) -> None:
         # Gradients with respect to ``params`` only: for the actor loss this leaves the
@@ -1412,8 +1480,9 @@ class Trainer:
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
             self.log_beta.copy_(state["log_beta"])
-        self.actor_opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        load_optimizer_state(self.actor_opt, state["actor_opt"])
+        load_optimizer_state(self.critic_opt, state["critic_opt"])
+        self.graph = None  # a recorded graph would still read Adam's old moment tensors
         self.normalizer = NormalizerState(**{k: v.to(self.device) for k, v in state["normalizer"].items()})
         self.iteration = int(state["iteration"])
         self.generator.set_state(state["generator"])
@@ -1632,13 +1701,16 @@ def describe_device(args: Args, trainer: Trainer, device: torch.device) -> str:
 def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
     """--resume and --eval-only take the checkpoint's own arguments (so that networks, env
     and sizes match it); a resumed run may extend --total-timesteps and an evaluation may
-    change --num-eval-envs when those flags are given (the same rule as reppo_jax.py)."""
+    change --num-eval-envs when those flags are given (the same rule as reppo_jax.py). The
+    device and the speed switches, which never change the math, may be given anew too (a run
+    saved on a GPU with --cuda-graphs can go on on a CPU without it)."""
     saved = dataclasses.replace(Args(), **read_checkpoint(args.resume or args.checkpoint)["args"])
     overrides = {"resume": args.resume, "checkpoint": args.checkpoint, "eval_only": args.eval_only}
     overrides["progress"] = args.progress
-    for flag in ["total_timesteps", "num_eval_envs", "device", "torch_threads"]:
-        cli_flag = "--" + flag.replace("_", "-")
-        if any(token == cli_flag or token.startswith(cli_flag + "=") for token in argv):
+    for flag in ["total_timesteps", "num_eval_envs", "device", "torch_threads", "compile", "fused_adam", "cuda_graphs"]:
+        name = flag.replace("_", "-")
+        cli_flags = ("--" + name, "--no-" + name)  # tyro's pair for a boolean flag
+        if any(token in cli_flags or token.startswith(cli_flags[0] + "=") for token in argv):
             overrides[flag] = getattr(args, flag)
     return dataclasses.replace(saved, **overrides)
 

@@ -43,6 +43,8 @@ class Options:
     """measure reppo_torch.py with --compile"""
     torch_fused_adam: bool = False
     """measure reppo_torch.py with --fused-adam (Adam's fused kernel, CPU or CUDA)"""
+    torch_cuda_graphs: bool = False
+    """measure reppo_torch.py with --cuda-graphs (CUDA only)"""
 
 
 def measure_jax(cli: list[str], iterations: int) -> dict:
@@ -140,6 +142,7 @@ def main() -> None:
             flags = []
             if impl == "torch":
                 flags += ["--compile"] * options.torch_compile + ["--fused-adam"] * options.torch_fused_adam
+                flags += ["--cuda-graphs"] * options.torch_cuda_graphs
             child = [sys.executable, __file__, "--child", impl, str(iterations), *SETTINGS[setting], *flags]
             done = subprocess.run(child, capture_output=True, text=True)
             if done.returncode != 0:

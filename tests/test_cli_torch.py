@@ -49,7 +49,8 @@ def test_same_args_fields_as_the_jax_file():
     jax_fields = {f.name for f in dataclasses.fields(rj.Args)}
     torch_fields = {f.name for f in dataclasses.fields(rt.Args)}
     assert jax_fields <= torch_fields  # the torch file adds only its speed switches and control_mode
-    assert torch_fields - jax_fields == {"device", "compile", "fused_adam", "torch_threads", "control_mode"}
+    speed_switches = {"device", "compile", "fused_adam", "cuda_graphs", "torch_threads"}
+    assert torch_fields - jax_fields == speed_switches | {"control_mode"}
 
 
 def test_tiny_run_writes_args_metrics_and_checkpoint(full_run):
@@ -108,6 +109,11 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--eval-only"], "--eval-only needs --checkpoint PATH"),
         (["--resume", "/nonexistent/checkpoint.pt"], "does not exist"),
         (["--total-timesteps", "10"], "smaller than one iteration"),
+        pytest.param(
+            ["--cuda-graphs"],
+            "--cuda-graphs needs a CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here"),
+        ),
     ],
 )
 def test_bad_input_gives_a_clear_message_and_exit_code_2(argv, message, capsys):

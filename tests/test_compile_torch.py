@@ -1,7 +1,9 @@
 """The speed switches change nothing but speed: with --compile (torch.compile of the two losses)
-one update, and with --fused-adam (Adam's fused kernel) three updates, give the same losses,
-metrics and new parameters as plain eager PyTorch."""
+one update, with --fused-adam (Adam's fused kernel) three updates, and on a CUDA device with
+--cuda-graphs (a recorded, replayed update) four updates give the same losses, metrics and new
+parameters as plain eager PyTorch."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -27,10 +29,10 @@ class StubEnv:
         return {}
 
 
-def make_trainer(**switches) -> rt.Trainer:
+def make_trainer(device: str = "cpu", **switches) -> rt.Trainer:
     args = rt.Args(env_id="CartpoleBalance", num_envs=4, num_steps=8, actor_hidden=32, critic_hidden=32)
     args = dataclasses.replace(args, vmin=0.0, vmax=150.0, gamma=0.99, episode_length=1000, **switches)
-    return rt.Trainer(args, 0, torch.device("cpu"), env=StubEnv(), build_eval_env=False)
+    return rt.Trainer(args, 0, torch.device(device), env=StubEnv(), build_eval_env=False)
 
 
 def make_minibatch(seed: int) -> dict[str, torch.Tensor]:
@@ -77,6 +79,7 @@ def test_fused_adam_updates_equal_default_adam():
     fused = make_trainer(fused_adam=True)
     assert all(group["fused"] for opt in (fused.actor_opt, fused.critic_opt) for group in opt.param_groups)
     fused.load_state_dict(eager.state_dict(), with_env=False)
+    assert all(group["fused"] for opt in (fused.actor_opt, fused.critic_opt) for group in opt.param_groups)
     initial = [param.detach().clone() for param in fused.actor.parameters()]
     for seed in (1, 2, 3):  # several steps: Adam's moments and bias correction come into play
         minibatch = make_minibatch(seed)
@@ -84,3 +87,40 @@ def test_fused_adam_updates_equal_default_adam():
         assert_same(fused, fused_info, eager, eager_info)
     moved = [(param - start).abs().max() for param, start in zip(fused.actor.parameters(), initial)]
     assert max(moved) > 1e-4  # the parameters did change: the comparison is not between two untouched nets
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="--cuda-graphs needs a CUDA device")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cuda_graph_updates_equal_eager_updates(compile):
+    # The reference runs the same kernels launched one by one: plain eager PyTorch, or with
+    # --compile the same compiled losses (the compiler's GPU kernels sum in another order
+    # than eager ones, and Adam's first steps turn a near-zero gradient's rounding into a
+    # whole step of either sign, so compiled and eager parameters part after a few steps).
+    eager = make_trainer("cuda", compile=compile)
+    graphed = make_trainer("cuda", cuda_graphs=True, compile=compile)
+    graphed.load_state_dict(eager.state_dict(), with_env=False)  # same weights and random generator
+    assert all(group["capturable"] for opt in (graphed.actor_opt, graphed.critic_opt) for group in opt.param_groups)
+    for seed in (1, 2, 3, 4):  # the first call updates eagerly and records; the others replay
+        minibatch = {name: value.cuda() for name, value in make_minibatch(seed).items()}
+        eager_info, graphed_info = eager.update_minibatch(minibatch), graphed.update_minibatch(minibatch)
+        assert graphed.graph is not None
+        assert_same(graphed, graphed_info, eager, eager_info)
+
+
+def test_resuming_with_a_speed_switch_keeps_it_and_the_saved_moments():
+    """A checkpoint saved with the default Adam, loaded by a --fused-adam run: the run keeps
+    its fused kernel (the saved param groups would otherwise switch it off) and Adam's
+    moments and step counts come from the checkpoint."""
+    eager = make_trainer()
+    eager.update_minibatch(make_minibatch(1))
+    fused = make_trainer(fused_adam=True)
+    # A copy, as a checkpoint read from disk is: Adam adopts the loaded moment tensors as they are.
+    fused.load_state_dict(copy.deepcopy(eager.state_dict()), with_env=False)
+    for opt, saved in ((fused.actor_opt, eager.actor_opt), (fused.critic_opt, eager.critic_opt)):
+        assert all(group["fused"] for group in opt.param_groups)
+        for param, saved_param in zip(opt.param_groups[0]["params"], saved.param_groups[0]["params"]):
+            mine, theirs = opt.state[param], saved.state[saved_param]
+            torch.testing.assert_close(mine["exp_avg_sq"], theirs["exp_avg_sq"])
+            assert float(mine["step"]) == float(theirs["step"]) == 1.0
+    minibatch = make_minibatch(2)
+    assert_same(fused, fused.update_minibatch(minibatch), eager, eager.update_minibatch(minibatch))
