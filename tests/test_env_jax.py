@@ -7,8 +7,10 @@ import pytest
 
 import reppo_jax as rj
 
-# Compiling a wrapped MJX step costs tens of seconds on a CPU, so the tests below share one
-# wrapper shape (8 envs, episode length 4) and one jitted step, compiled once per module.
+# Compiling a wrapped MJX step costs seconds on a CPU, and running MJX un-jitted (one op at a
+# time) costs tens of seconds per call, so the tests below share one wrapper shape (8 envs,
+# episode length 4) and jitted functions (the wrapper's reset and step, and the un-wrapped env's
+# vmapped reset and step that serve as references), compiled once per module.
 NUM_ENVS, EPISODE_LENGTH = 8, 4
 
 
@@ -27,14 +29,30 @@ def step(wrapped):
     return jax.jit(wrapped.step)
 
 
-def test_time_limit_step_returns_the_true_final_observation(cartpole, wrapped, step):
-    state = wrapped.reset(jax.random.PRNGKey(0), randomize_steps=False)
+@pytest.fixture(scope="module")
+def reset(wrapped):
+    return jax.jit(wrapped.reset, static_argnames="randomize_steps")
+
+
+@pytest.fixture(scope="module")
+def raw_step(cartpole):
+    """N un-wrapped envs stepped side by side: the reference for the wrapper's outputs."""
+    return jax.jit(jax.vmap(cartpole.step))
+
+
+@pytest.fixture(scope="module")
+def raw_reset(cartpole):
+    return jax.jit(jax.vmap(cartpole.reset))
+
+
+def test_time_limit_step_returns_the_true_final_observation(wrapped, reset, step, raw_step):
+    state = reset(jax.random.PRNGKey(0), randomize_steps=False)
     action = jnp.full((NUM_ENVS, wrapped.action_size), 0.5)
     raw = state.physics  # the same start state, stepped without the wrapper
     episode_length = EPISODE_LENGTH
     for t in range(episode_length):
         state, result = step(state, action, jax.random.PRNGKey(100 + t))
-        raw = jax.vmap(cartpole.step)(raw, action)
+        raw = raw_step(raw, action)
         np.testing.assert_allclose(result.final_obs, raw.obs, atol=1e-6)
         assert not result.terminated.any()
         assert bool(result.truncated.all()) == (t == episode_length - 1)
@@ -96,7 +114,7 @@ def test_terminated_and_truncated_are_separate(episode_length, expected):
 
 def test_random_initial_step_counters_spread_resets(cartpole):
     wrapped = rj.AutoResetEnv(cartpole, 256, 1000)
-    state = wrapped.reset(jax.random.PRNGKey(3), randomize_steps=True)
+    state = jax.jit(wrapped.reset, static_argnames="randomize_steps")(jax.random.PRNGKey(3), randomize_steps=True)
     counters = np.asarray(state.step_count)
     assert counters.min() >= 0 and counters.max() < 1000
     assert len(np.unique(counters)) > 200
@@ -111,11 +129,11 @@ def assert_envs_equal(physics, where_true, where_false, mask):
         np.testing.assert_allclose(leaf, np.where(shaped, true_leaf, false_leaf), atol=1e-6)
 
 
-def test_finished_envs_restart_from_a_fresh_pool_and_the_others_carry_on(cartpole, wrapped, step):
+def test_finished_envs_restart_from_a_fresh_pool_and_the_others_carry_on(wrapped, reset, step, raw_step, raw_reset):
     """The pool starts empty, so the first step where envs finish makes N fresh episodes in
     one batched reset (keys split from the step key); the finished envs take their own
     slots, the others keep their state and their (still fresh) slots."""
-    state = wrapped.reset(jax.random.PRNGKey(5), randomize_steps=False)
+    state = reset(jax.random.PRNGKey(5), randomize_steps=False)
     assert not np.asarray(state.pool_fresh).any()
     finishing = np.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
     state = state._replace(step_count=jnp.where(finishing, EPISODE_LENGTH - 1, 0))
@@ -124,8 +142,8 @@ def test_finished_envs_restart_from_a_fresh_pool_and_the_others_carry_on(cartpol
     new_state, result = step(state, action, key)
 
     np.testing.assert_array_equal(result.truncated, finishing)
-    stepped = jax.vmap(cartpole.step)(state.physics, action)
-    fresh = jax.vmap(cartpole.reset)(jax.random.split(key, NUM_ENVS))
+    stepped = raw_step(state.physics, action)
+    fresh = raw_reset(jax.random.split(key, NUM_ENVS))
     np.testing.assert_allclose(result.next_obs, np.where(finishing[:, None], fresh.obs, stepped.obs), atol=1e-6)
     np.testing.assert_allclose(result.final_obs, stepped.obs, atol=1e-6)
     assert_envs_equal(new_state.physics, fresh, stepped, finishing)
@@ -134,10 +152,10 @@ def test_finished_envs_restart_from_a_fresh_pool_and_the_others_carry_on(cartpol
     np.testing.assert_array_equal(new_state.step_count, np.where(finishing, 0, 1))
 
 
-def test_a_used_slot_remakes_the_pool_an_unused_one_does_not(cartpole, wrapped, step):
+def test_a_used_slot_remakes_the_pool_an_unused_one_does_not(wrapped, reset, step, raw_step, raw_reset):
     """An env that finishes with its slot unused takes it and leaves the pool alone; an env
     that finishes again (its slot used) has the whole pool remade first."""
-    state = wrapped.reset(jax.random.PRNGKey(6), randomize_steps=False)
+    state = reset(jax.random.PRNGKey(6), randomize_steps=False)
     action = jnp.full((NUM_ENVS, wrapped.action_size), 0.2)
     first = np.array([1, 0, 0, 0, 0, 0, 0, 0], bool)
     state = state._replace(step_count=jnp.where(first, EPISODE_LENGTH - 1, 0))
@@ -146,7 +164,7 @@ def test_a_used_slot_remakes_the_pool_an_unused_one_does_not(cartpole, wrapped, 
 
     second = np.array([0, 0, 1, 0, 0, 0, 0, 0], bool)  # env 2: its slot is unused
     state = state._replace(step_count=jnp.where(second, EPISODE_LENGTH - 1, 1))
-    stepped = jax.vmap(cartpole.step)(state.physics, action)
+    stepped = raw_step(state.physics, action)
     state, result = step(state, action, jax.random.PRNGKey(8))
     np.testing.assert_allclose(result.next_obs, np.where(second[:, None], pool.obs, stepped.obs), atol=1e-6)
     assert_envs_equal(state.reset_pool, pool, pool, second)  # the pool is unchanged
@@ -155,9 +173,9 @@ def test_a_used_slot_remakes_the_pool_an_unused_one_does_not(cartpole, wrapped, 
     third = first  # env 0 again: its slot is used, so the pool is remade with this step's key
     state = state._replace(step_count=jnp.where(third, EPISODE_LENGTH - 1, 1))
     key = jax.random.PRNGKey(9)
-    stepped = jax.vmap(cartpole.step)(state.physics, action)
+    stepped = raw_step(state.physics, action)
     state, result = step(state, action, key)
-    fresh = jax.vmap(cartpole.reset)(jax.random.split(key, NUM_ENVS))
+    fresh = raw_reset(jax.random.split(key, NUM_ENVS))
     np.testing.assert_allclose(result.next_obs, np.where(third[:, None], fresh.obs, stepped.obs), atol=1e-6)
     assert not np.allclose(result.next_obs[0], pool.obs[0])
     np.testing.assert_array_equal(state.pool_fresh, ~third)
@@ -166,7 +184,8 @@ def test_a_used_slot_remakes_the_pool_an_unused_one_does_not(cartpole, wrapped, 
 def test_pool_refill_under_vmap_only_for_the_seeds_that_need_it(wrapped):
     """refill_pool vmapped over seeds (as --num-seeds runs the wrapper): a seed with no
     finished env on a used slot keeps its pool exactly."""
-    states = jax.vmap(lambda k: wrapped.reset(k, randomize_steps=False))(jax.random.split(jax.random.PRNGKey(10), 2))
+    reset_seeds = jax.jit(jax.vmap(lambda k: wrapped.reset(k, randomize_steps=False)))
+    states = reset_seeds(jax.random.split(jax.random.PRNGKey(10), 2))
     done = jnp.array([[True] + [False] * (NUM_ENVS - 1), [False] * NUM_ENVS])
     keys = jax.random.split(jax.random.PRNGKey(11), 2)
     pool, fresh = jax.jit(jax.vmap(wrapped.refill_pool))(states.reset_pool, states.pool_fresh, done, keys)
@@ -176,10 +195,10 @@ def test_pool_refill_under_vmap_only_for_the_seeds_that_need_it(wrapped):
     assert not np.allclose(pool.obs[0], states.reset_pool.obs[0])
 
 
-def test_evaluation_steps_do_not_reset(cartpole):
-    wrapped = rj.AutoResetEnv(cartpole, 2, 1)
-    state = wrapped.reset(jax.random.PRNGKey(0), randomize_steps=False)
-    action = jnp.zeros((2, wrapped.action_size))
+def test_evaluation_steps_do_not_reset(wrapped, reset):
+    state = reset(jax.random.PRNGKey(0), randomize_steps=False)
+    state = state._replace(step_count=jnp.full(NUM_ENVS, EPISODE_LENGTH - 1))  # all at the time limit
+    action = jnp.zeros((NUM_ENVS, wrapped.action_size))
     step = jax.jit(wrapped.step, static_argnames="auto_reset")
     _, result = step(state, action, jax.random.PRNGKey(1), auto_reset=False)
     assert result.truncated.all()

@@ -273,8 +273,10 @@ def test_auto_reset_wrappers_agree_on_a_step_with_partial_resets(slots):
     num_envs, episode_length = 8, 4
     env = rj.make_env("CartpoleBalance", "jax", episode_length=1000)
     wrapped = rj.AutoResetEnv(env, num_envs, episode_length)
-    state = wrapped.reset(jax.random.PRNGKey(5), randomize_steps=False)
-    pool, _ = wrapped.refill_pool(state.reset_pool, state.pool_fresh, jnp.ones(num_envs, bool), jax.random.PRNGKey(6))
+    # Jitted: MJX run one op at a time costs tens of seconds per call on a CPU.
+    state = jax.jit(wrapped.reset, static_argnames="randomize_steps")(jax.random.PRNGKey(5), randomize_steps=False)
+    refill = jax.jit(wrapped.refill_pool)
+    pool, _ = refill(state.reset_pool, state.pool_fresh, jnp.ones(num_envs, bool), jax.random.PRNGKey(6))
     finishing = jnp.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
     pool_fresh = jnp.ones(num_envs, bool) if slots == "all fresh" else jnp.array([1, 0, 1, 1, 1, 0, 1, 1], bool)
     state = state._replace(
