@@ -12,6 +12,23 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_c
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+# Under pytest-xdist (`-n N`), each worker process gets one core and one thread, and so do
+# the scripts it starts (they inherit the environment and the CPU affinity). The tests'
+# networks are small: two processes with one thread each get more done on two cores than
+# one process whose thread pools split every small kernel in two, and two processes with a
+# pool of two threads each would oversubscribe the cores (OpenMP's spinning threads then make
+# every kernel wait for a descheduled partner: 10-70x slowdowns measured here).
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    worker = int(os.environ["PYTEST_XDIST_WORKER"][2:])
+    cores = sorted(os.sched_getaffinity(0))
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= len(cores):
+        os.sched_setaffinity(0, {cores[worker % len(cores)]})
+    for name in ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"]:
+        os.environ[name] = "1"
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
+    ).strip()
+
 # ---- helpers shared by the CLI and learning tests of both files -------------------------
 
 import csv  # noqa: E402
@@ -87,3 +104,21 @@ def interrupt_a_run(script, runs_dir, timeout=300):
     finally:
         process.kill()
     return process.returncode, err, only_run(runs_dir)
+
+
+# ---- order: the longest files first ------------------------------------------------------
+# With `-n 2 --dist loadfile` (README), pytest-xdist hands out whole files in this order, so
+# the two learning tests (minutes each) start at once on the two workers and the many short
+# files fill in behind them, instead of one learning test running alone at the end.
+LONGEST_FIRST = [
+    "test_learning_torch.py", "test_learning_jax.py", "test_cli_torch.py", "test_cli_jax.py",
+    "test_env_jax.py", "test_parity.py", "test_compile_torch.py",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.path))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order, the rest keep theirs
