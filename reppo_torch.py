@@ -1288,21 +1288,30 @@ class Trainer:
             args.aux_coef,
         )
         self._step(self.critic_opt, self.critic_params, loss)
-        loss, actor_info = self.actor_loss_fn(
-            self.actor,
-            self.log_alpha,
-            self.log_beta,
-            self.critic,  # the freshly updated critic
-            inputs["obs"],
-            inputs["old_mean"],
-            inputs["old_std"],
-            inputs["action_noise"],
-            inputs["kl_noise"],
-            args.kl_bound,
-            self.entropy_target,
-            args.vmin,
-            args.vmax,
-        )
+        # The actor loss differentiates through the critic, to the action, but never into
+        # the critic's parameters: they are frozen while it is built. Eager autograd would
+        # skip their gradients anyway (only the actor's are asked for); a --compile'd loss
+        # fixes what its backward computes when it is traced, and would otherwise compute
+        # them and throw them away (~11 % of a compiled update at --preset cpu).
+        self.critic.requires_grad_(False)
+        try:
+            loss, actor_info = self.actor_loss_fn(
+                self.actor,
+                self.log_alpha,
+                self.log_beta,
+                self.critic,  # the freshly updated critic
+                inputs["obs"],
+                inputs["old_mean"],
+                inputs["old_std"],
+                inputs["action_noise"],
+                inputs["kl_noise"],
+                args.kl_bound,
+                self.entropy_target,
+                args.vmin,
+                args.vmax,
+            )
+        finally:
+            self.critic.requires_grad_(True)
         self._step(self.actor_opt, self.actor_params, loss)
         return {**critic_info, **actor_info}
 
