@@ -50,6 +50,7 @@ import math
 import os
 import platform
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -1212,7 +1213,12 @@ class Trainer:
         self.critic_loss_fn, self.actor_loss_fn = critic_loss, actor_loss
         if args.compile:
             self.critic_loss_fn, self.actor_loss_fn = torch.compile(critic_loss), torch.compile(actor_loss)
-        self.graph = None  # --cuda-graphs: the recorded minibatch update, made at first use
+        # --cuda-graphs: the recorded minibatch update (made at first use), the fixed tensors
+        # it reads its inputs from, and the fixed tensor it writes its metrics to.
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_inputs: dict[str, torch.Tensor] = {}
+        self.graph_metric_names: list[str] = []
+        self.graph_metrics: torch.Tensor | None = None
         self.iteration = 0
         self.obs = self.env.reset(randomize_steps=True)  # (N, O)
 
@@ -1867,8 +1873,6 @@ _previous_sigint_handler: Any = None
 def install_interrupt_handler() -> dict[str, bool]:
     """SIGINT sets a flag the training loop reads between iterations; a second SIGINT
     raises KeyboardInterrupt at once."""
-    import signal
-
     global _previous_sigint_handler
     state = {"flag": False, "clean": False}
 
@@ -1888,8 +1892,6 @@ def install_interrupt_handler() -> dict[str, bool]:
 
 
 def restore_interrupt_handler() -> None:
-    import signal
-
     if _previous_sigint_handler is not None:
         signal.signal(signal.SIGINT, _previous_sigint_handler)
 

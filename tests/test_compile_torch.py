@@ -74,12 +74,17 @@ def test_compiled_update_equals_eager_update():
     assert_same(compiled, compiled_info, eager, eager_info)
 
 
+def switched_on(trainer, switch):
+    """Whether every param group of both Adam optimisers has ``switch`` ("fused", ...) on."""
+    return all(group[switch] for opt in (trainer.actor_opt, trainer.critic_opt) for group in opt.param_groups)
+
+
 def test_fused_adam_updates_equal_default_adam():
     eager = make_trainer()
     fused = make_trainer(fused_adam=True)
-    assert all(group["fused"] for opt in (fused.actor_opt, fused.critic_opt) for group in opt.param_groups)
+    assert switched_on(fused, "fused")
     fused.load_state_dict(eager.state_dict(), with_env=False)
-    assert all(group["fused"] for opt in (fused.actor_opt, fused.critic_opt) for group in opt.param_groups)
+    assert switched_on(fused, "fused")
     initial = [param.detach().clone() for param in fused.actor.parameters()]
     for seed in (1, 2, 3):  # several steps: Adam's moments and bias correction come into play
         minibatch = make_minibatch(seed)
@@ -99,7 +104,7 @@ def test_cuda_graph_updates_equal_eager_updates(compile):
     eager = make_trainer("cuda", compile=compile)
     graphed = make_trainer("cuda", cuda_graphs=True, compile=compile)
     graphed.load_state_dict(eager.state_dict(), with_env=False)  # same weights and random generator
-    assert all(group["capturable"] for opt in (graphed.actor_opt, graphed.critic_opt) for group in opt.param_groups)
+    assert switched_on(graphed, "capturable")
     for seed in (1, 2, 3, 4):  # the first call updates eagerly and records; the others replay
         minibatch = {name: value.cuda() for name, value in make_minibatch(seed).items()}
         eager_info, graphed_info = eager.update_minibatch(minibatch), graphed.update_minibatch(minibatch)
@@ -116,8 +121,8 @@ def test_resuming_with_a_speed_switch_keeps_it_and_the_saved_moments():
     fused = make_trainer(fused_adam=True)
     # A copy, as a checkpoint read from disk is: Adam adopts the loaded moment tensors as they are.
     fused.load_state_dict(copy.deepcopy(eager.state_dict()), with_env=False)
+    assert switched_on(fused, "fused")
     for opt, saved in ((fused.actor_opt, eager.actor_opt), (fused.critic_opt, eager.critic_opt)):
-        assert all(group["fused"] for group in opt.param_groups)
         for param, saved_param in zip(opt.param_groups[0]["params"], saved.param_groups[0]["params"]):
             mine, theirs = opt.state[param], saved.state[saved_param]
             torch.testing.assert_close(mine["exp_avg_sq"], theirs["exp_avg_sq"])
