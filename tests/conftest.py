@@ -19,10 +19,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # pool of two threads each would oversubscribe the cores (OpenMP's spinning threads then make
 # every kernel wait for a descheduled partner: 10-70x slowdowns measured here).
 if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
-    worker = int(os.environ["PYTEST_XDIST_WORKER"][2:])
     cores = sorted(os.sched_getaffinity(0))
-    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= len(cores):
-        os.sched_setaffinity(0, {cores[worker % len(cores)]})
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= len(cores):  # else: threads only
+        os.sched_setaffinity(0, {cores[int(os.environ["PYTEST_XDIST_WORKER"][2:])]})
     for name in ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"]:
         os.environ[name] = "1"
     os.environ["XLA_FLAGS"] = " ".join(
