@@ -178,7 +178,7 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the networks live; 'auto' is CUDA when available"""
     compile: bool = False
-    """torch.compile the two losses (their forward and backward graphs)"""
+    """torch.compile the collection step (act, bootstrap) and the two losses (forward and backward)"""
     fused_adam: bool = False
     """Adam's fused kernel, on CPU or CUDA (the same update rule in one kernel per step instead of
     a loop over parameters)"""
@@ -1097,6 +1097,47 @@ def actor_loss(
 # ======================================================================================
 
 
+def act(
+    actor: Actor, normalizer: NormalizerState, raw_obs: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The behaviour policy at one collection step: normalise s_t, sample a ~ pi(.|s_t) with
+    the standard-normal ``noise`` (N, A), clip it for the environment (IMPLEMENTATION
+    DETAIL 3). Returns (normalised obs, action, mean, std), the last three (N, A)."""
+    obs = normalize(normalizer, raw_obs)  # (N, O)
+    mean, std = actor(obs)  # (N, A) each
+    action, _ = sample_tanh_normal(mean, std, noise)
+    return obs, action.clamp(-ACTION_CLIP, ACTION_CLIP), mean, std
+
+
+def bootstrap(
+    actor: Actor,
+    critic: Critic,
+    log_alpha: torch.Tensor,
+    normalizer: NormalizerState,
+    final_obs: torch.Tensor,
+    reward: torch.Tensor,
+    terminated: torch.Tensor,
+    noise: torch.Tensor,
+    gamma: float,
+    vmin: float,
+    vmax: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What one step leaves for the targets (SPEC 6): the value of the TRUE next state s'
+    under the current policy, v' = mean_k Q(s', a'_k) with K fresh actions a'_k ~ pi(.|s')
+    (``noise`` (K, N, A)), the soft reward r~ = r - gamma * alpha * mean_k log pi(a'_k|s')
+    and the critic's features z' of (s', a'_1), the aux head's target.
+    Returns (soft_reward (N,), next_value (N,), next_features (N, hidden))."""
+    next_obs = normalize(normalizer, final_obs)  # (N, O)
+    next_mean, next_std = actor(next_obs)
+    next_action, next_log_prob = sample_tanh_normal(next_mean, next_std, noise)  # (K, N, A), (K, N)
+    next_logits, next_features = critic(next_obs.expand(noise.shape[0], *next_obs.shape), next_action)
+    next_value = q_value(next_logits, vmin, vmax).mean(dim=0)  # (N,)
+    # IMPLEMENTATION DETAIL 6: no entropy bonus after a terminal state.
+    not_terminal = 1.0 - terminated
+    soft_reward = reward - not_terminal * gamma * torch.exp(log_alpha) * next_log_prob.mean(dim=0)
+    return soft_reward, next_value, next_features[0]
+
+
 class Rollout(NamedTuple):
     """One rollout, every field time-first: (T, N, ...). Allocated once, filled in place."""
 
@@ -1146,7 +1187,7 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> None:
     """Global-norm clipping, in place, with optax's exact rule (``clip_by_global_norm``):
     g <- g * max_norm / ||g|| when ||g|| > max_norm. (torch.nn.utils.clip_grad_norm_ adds
     1e-6 to the norm; this keeps the two files' updates identical.)"""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # ||(||g_1||, ||g_2||, ...)||, one kernel per group
     scale = torch.where(norm < max_norm, torch.ones_like(norm), max_norm / norm)
     torch._foreach_mul_(grads, scale)
 
@@ -1210,8 +1251,11 @@ class Trainer:
         self.rollout = allocate_rollout(
             args.num_steps, args.num_envs, obs_size, action_size, args.critic_hidden, device
         )
+        # The pure functions of a step: collection's two (act, bootstrap) and the two losses.
+        self.act_fn, self.bootstrap_fn = act, bootstrap
         self.critic_loss_fn, self.actor_loss_fn = critic_loss, actor_loss
         if args.compile:
+            self.act_fn, self.bootstrap_fn = torch.compile(act), torch.compile(bootstrap)
             self.critic_loss_fn, self.actor_loss_fn = torch.compile(critic_loss), torch.compile(actor_loss)
         # --cuda-graphs: the recorded minibatch update (made at first use), the fixed tensors
         # it reads its inputs from, and the fixed tensor it writes its metrics to.
@@ -1230,30 +1274,28 @@ class Trainer:
         """T steps on N envs with the current policy; soft rewards and v' (SPEC 6).
         No autograd graph is built (``no_grad``): collection only produces targets."""
         args, buf = self.args, self.rollout
-        alpha = torch.exp(self.log_alpha)
-        K = args.num_value_samples
+        N, A, K = self.env.num_envs, self.action_size, args.num_value_samples
         for t in range(args.num_steps):
             raw_obs = self.obs  # (N, O), kept to update the normaliser afterwards
-            obs = normalize(self.normalizer, raw_obs)
-            mean, std = self.actor(obs)  # (N, A) each
-            action, _ = sample_tanh_normal(mean, std, self.normal(*mean.shape))
-            action = action.clamp(-ACTION_CLIP, ACTION_CLIP)  # (N, A)
+            obs, action, mean, std = self.act_fn(self.actor, self.normalizer, raw_obs, self.normal(N, A))
             step = self.env.step(action)
-            # Value of the TRUE next state under the current policy: K fresh actions a'.
-            next_obs = normalize(self.normalizer, step.final_obs)  # (N, O)
-            next_mean, next_std = self.actor(next_obs)
-            next_action, next_log_prob = sample_tanh_normal(
-                next_mean, next_std, self.normal(K, *next_mean.shape)
-            )  # (K, N, A), (K, N)
-            next_logits, next_features = self.critic(next_obs.expand(K, *next_obs.shape), next_action)
-            next_value = q_value(next_logits, args.vmin, args.vmax).mean(dim=0)  # (N,)
-            # IMPLEMENTATION DETAIL 6: no entropy bonus after a terminal state.
-            not_terminal = 1.0 - step.terminated
-            soft_reward = step.reward - not_terminal * args.gamma * alpha * next_log_prob.mean(dim=0)
+            soft_reward, next_value, next_features = self.bootstrap_fn(
+                self.actor,
+                self.critic,
+                self.log_alpha,
+                self.normalizer,
+                step.final_obs,
+                step.reward,
+                step.terminated,
+                self.normal(K, N, A),
+                args.gamma,
+                args.vmin,
+                args.vmax,
+            )
             for name, value in (
                 ("obs", obs), ("raw_obs", raw_obs), ("action", action), ("old_mean", mean), ("old_std", std),
                 ("reward", step.reward), ("soft_reward", soft_reward), ("next_value", next_value),
-                ("next_features", next_features[0]), ("terminated", step.terminated),
+                ("next_features", next_features), ("terminated", step.terminated),
                 ("truncated", step.truncated), ("episode_done", step.episode_done),
                 ("episode_return", step.episode_return), ("episode_length", step.episode_length),
                 ("success_once", step.success_once), ("success_at_end", step.success_at_end),
