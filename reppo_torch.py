@@ -1187,7 +1187,7 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> None:
     """Global-norm clipping, in place, with optax's exact rule (``clip_by_global_norm``):
     g <- g * max_norm / ||g|| when ||g|| > max_norm. (torch.nn.utils.clip_grad_norm_ adds
     1e-6 to the norm; this keeps the two files' updates identical.)"""
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # ||(||g_1||, ||g_2||, ...)||, one kernel per group
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # ||(||g_1||, ||g_2||, ...)||, no Python loop
     scale = torch.where(norm < max_norm, torch.ones_like(norm), max_norm / norm)
     torch._foreach_mul_(grads, scale)
 
