@@ -1112,7 +1112,7 @@ def act(
 def bootstrap(
     actor: Actor,
     critic: Critic,
-    log_alpha: torch.Tensor,
+    alpha: torch.Tensor,
     normalizer: NormalizerState,
     final_obs: torch.Tensor,
     reward: torch.Tensor,
@@ -1134,7 +1134,7 @@ def bootstrap(
     next_value = q_value(next_logits, vmin, vmax).mean(dim=0)  # (N,)
     # IMPLEMENTATION DETAIL 6: no entropy bonus after a terminal state.
     not_terminal = 1.0 - terminated
-    soft_reward = reward - not_terminal * gamma * torch.exp(log_alpha) * next_log_prob.mean(dim=0)
+    soft_reward = reward - not_terminal * gamma * alpha * next_log_prob.mean(dim=0)
     return soft_reward, next_value, next_features[0]
 
 
@@ -1274,6 +1274,7 @@ class Trainer:
         """T steps on N envs with the current policy; soft rewards and v' (SPEC 6).
         No autograd graph is built (``no_grad``): collection only produces targets."""
         args, buf = self.args, self.rollout
+        alpha = torch.exp(self.log_alpha)  # the temperature is fixed during collection
         N, A, K = self.env.num_envs, self.action_size, args.num_value_samples
         for t in range(args.num_steps):
             raw_obs = self.obs  # (N, O), kept to update the normaliser afterwards
@@ -1282,7 +1283,7 @@ class Trainer:
             soft_reward, next_value, next_features = self.bootstrap_fn(
                 self.actor,
                 self.critic,
-                self.log_alpha,
+                alpha,
                 self.normalizer,
                 step.final_obs,
                 step.reward,
