@@ -1,7 +1,8 @@
 """The speed switches change nothing but speed: with --compile (torch.compile of the collection
-step and of the two losses) one rollout and one update, with --fused-adam (Adam's fused kernel)
-three updates, and on a CUDA device with --cuda-graphs (a recorded, replayed update) four updates
-give the same losses, metrics and new parameters as plain eager PyTorch."""
+step, and of the whole minibatch update as one graph) one rollout and three updates, with
+--fused-adam (Adam's fused kernel) three updates, and on a CUDA device with --cuda-graphs (a
+recorded, replayed update) five updates give the same losses, metrics and new parameters as
+plain eager PyTorch."""
 
 import copy
 import dataclasses
@@ -84,13 +85,29 @@ def test_compiled_update_equals_eager_update():
     eager = make_trainer()
     compiled = make_trainer(compile=True)
     compiled.load_state_dict(eager.state_dict(), with_env=False)
-    minibatch = make_minibatch(1)
-    eager_info = eager.update_minibatch(minibatch)
-    try:
-        compiled_info = compiled.update_minibatch(minibatch)
-    except Exception as error:  # no C++ compiler, unsupported platform, ...
-        pytest.skip(f"torch.compile is unavailable here: {type(error).__name__}: {error}")
-    assert_same(compiled, compiled_info, eager, eager_info)
+    initial = [param.detach().clone() for param in compiled.actor.parameters()]
+    # The first update is eager (it creates Adam's state); the next ones run the compiled graph.
+    for seed in (1, 2, 3):
+        minibatch = make_minibatch(seed)
+        eager_info = eager.update_minibatch(minibatch)
+        try:
+            compiled_info = compiled.update_minibatch(minibatch)
+        except Exception as error:  # no C++ compiler, unsupported platform, ...
+            pytest.skip(f"torch.compile is unavailable here: {type(error).__name__}: {error}")
+        assert_same(compiled, compiled_info, eager, eager_info)
+    moved = [(param - start).abs().max() for param, start in zip(compiled.actor.parameters(), initial)]
+    assert max(moved) > 1e-4  # the parameters did change
+
+
+def test_compiled_update_is_one_graph():
+    """--compile's update (both losses, gradients, clipping, both Adam steps) is traced
+    whole: one graph, no graph break (a break would put Python back between the pieces)."""
+    trainer = make_trainer(compile=True)
+    trainer.update_minibatch(make_minibatch(1))  # eager: creates Adam's state
+    minibatch = make_minibatch(2)
+    inputs = {**minibatch, "action_noise": torch.randn(32, ACT), "kl_noise": torch.randn(16, 32, ACT)}
+    explanation = torch._dynamo.explain(trainer._update)(inputs)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
 
 
 def test_compiled_collection_equals_eager_collection():
@@ -134,17 +151,19 @@ def test_fused_adam_updates_equal_default_adam():
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_cuda_graph_updates_equal_eager_updates(compile):
     # The reference runs the same kernels launched one by one: plain eager PyTorch, or with
-    # --compile the same compiled losses (the compiler's GPU kernels sum in another order
+    # --compile the same compiled update (the compiler's GPU kernels sum in another order
     # than eager ones, and Adam's first steps turn a near-zero gradient's rounding into a
     # whole step of either sign, so compiled and eager parameters part after a few steps).
     eager = make_trainer("cuda", compile=compile)
     graphed = make_trainer("cuda", cuda_graphs=True, compile=compile)
     graphed.load_state_dict(eager.state_dict(), with_env=False)  # same weights and random generator
     assert switched_on(graphed, "capturable")
-    for seed in (1, 2, 3, 4):  # the first call updates eagerly and records; the others replay
+    # The first update is eager (it creates Adam's state), the second updates on a side
+    # stream and records, the others replay.
+    for seed in (1, 2, 3, 4, 5):
         minibatch = {name: value.cuda() for name, value in make_minibatch(seed).items()}
         eager_info, graphed_info = eager.update_minibatch(minibatch), graphed.update_minibatch(minibatch)
-        assert graphed.graph is not None
+        assert (graphed.graph is not None) == (seed > 1)
         assert_same(graphed, graphed_info, eager, eager_info)
 
 
