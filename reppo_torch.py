@@ -1414,14 +1414,16 @@ class Trainer:
             # moments and step counts. optimizer.step() itself would cut the graph in three:
             # it breaks the graph on purpose around its update. "capturable" is the
             # formula with the bias correction computed from the step-count tensors, which
-            # is what torch.compile uses for Adam too.
+            # is what torch.compile uses for Adam too. Every setting is read from the
+            # optimiser's own param group, so the two paths cannot drift apart.
             group, state = optimizer.param_groups[0], [optimizer.state[param] for param in params]
             with torch.no_grad():  # as in optimizer.step(): the update is not differentiated
                 functional_adam(
                     params, grads, [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [],
-                    [s["step"] for s in state], foreach=True, capturable=True, amsgrad=False,
-                    beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=0.0,
-                    eps=group["eps"], maximize=False,
+                    [s["step"] for s in state], foreach=True, capturable=True, amsgrad=group["amsgrad"],
+                    beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
+                    weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
                 )  # fmt: skip
             return
         for param, grad in zip(params, grads):

@@ -105,7 +105,9 @@ def test_compiled_update_is_one_graph():
     trainer = make_trainer(compile=True)
     trainer.update_minibatch(make_minibatch(1))  # eager: creates Adam's state
     minibatch = make_minibatch(2)
-    inputs = {**minibatch, "action_noise": torch.randn(32, ACT), "kl_noise": torch.randn(16, 32, ACT)}
+    shape = minibatch["old_mean"].shape  # (B, A)
+    noise = {"action_noise": torch.randn(shape), "kl_noise": torch.randn(trainer.args.num_kl_samples, *shape)}
+    inputs = {**minibatch, **noise}
     explanation = torch._dynamo.explain(trainer._update)(inputs)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
 
