@@ -5,10 +5,14 @@ Each measurement runs in a fresh subprocess so that its peak RSS is its own:
 
     python benchmarks/speed.py                        # both settings, reppo_jax.py
     python benchmarks/speed.py --settings cpu --iterations 20
+    python benchmarks/speed.py --settings maniskill --implementations torch
 
 Settings: 'paper' = SPEC defaults on CheetahRun (1024 envs x 32 steps, 16 minibatches,
 8 epochs, hidden 512); 'cpu' = --preset cpu on CartpoleBalance (64 x 32, 4 minibatches,
-8 epochs, hidden 256).
+8 epochs, hidden 256); 'maniskill' = --preset cpu on ManiSkill3 PickCube-v1, reppo_torch.py
+only (reppo_jax.py runs Playground tasks only). Without CUDA, ManiSkill simulates on the CPU
+(physx_cpu), one env per process, so an iteration there is 1 x 32 steps and 32 updates of
+minibatches of 8; with CUDA it is the GPU simulator with 64 envs.
 """
 
 from __future__ import annotations
@@ -26,17 +30,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {
     "paper": ["--env-id", "CheetahRun", "--preset", "paper"],
     "cpu": ["--env-id", "CartpoleBalance", "--preset", "cpu"],
+    "maniskill": ["--env-id", "PickCube-v1", "--preset", "cpu"],
 }
+TORCH_ONLY = {"maniskill"}  # settings reppo_jax.py cannot run
 
 
 @dataclass
 class Options:
-    settings: list[Literal["paper", "cpu"]] = field(default_factory=lambda: ["paper", "cpu"])
-    """which settings to measure"""
+    settings: list[Literal["paper", "cpu", "maniskill"]] = field(default_factory=lambda: ["paper", "cpu"])
+    """which settings to measure ('maniskill': reppo_torch.py only)"""
     implementations: list[Literal["jax", "torch"]] = field(default_factory=lambda: ["jax"])
     """which files to measure"""
     iterations: int = 0
-    """iterations per timed chunk (the same chunk runs once untimed first); 0 picks 1 (paper) or 20 (cpu)"""
+    """iterations per timed chunk (the same chunk runs once untimed first); 0 picks 1 (paper) or 20 (cpu, maniskill)"""
     json_out: str | None = None
     """also write the results to this JSON file"""
     torch_compile: bool = False
@@ -135,28 +141,35 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     options = tyro.cli(Options)
+    pairs = [
+        (setting, impl)
+        for setting in options.settings
+        for impl in options.implementations
+        if not (impl == "jax" and setting in TORCH_ONLY)
+    ]
+    if not pairs:
+        sys.exit("nothing to measure: the maniskill setting runs reppo_torch.py only (--implementations torch)")
     results = []
-    for setting in options.settings:
+    for setting, impl in pairs:
         iterations = options.iterations or (1 if setting == "paper" else 20)
-        for impl in options.implementations:
-            flags = []
-            if impl == "torch":
-                flags += ["--compile"] * options.torch_compile + ["--fused-adam"] * options.torch_fused_adam
-                flags += ["--cuda-graphs"] * options.torch_cuda_graphs
-            child = [sys.executable, __file__, "--child", impl, str(iterations), *SETTINGS[setting], *flags]
-            done = subprocess.run(child, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"{impl} {setting} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-            result = json.loads(done.stdout.split("RESULT ", 1)[1])
-            result.update(setting=setting, implementation=impl, iterations=iterations, flags=flags)
-            results.append(result)
-            print(
-                f"{impl:5s} {setting:5s}{''.join(' ' + flag for flag in flags)}: {result['sps']:8,.0f} env-steps/s  "
-                f"({result['seconds_per_iteration'] * 1000:,.0f} ms/iteration)  compile {result['compile_s']:5.1f} s  "
-                f"peak RSS {result['peak_rss_mib']:6,.0f} MiB"
-                + (f"  peak GPU {result['peak_gpu_mib']:6,.0f} MiB" if result["peak_gpu_mib"] is not None else ""),
-                flush=True,
-            )
+        flags = []
+        if impl == "torch":
+            flags += ["--compile"] * options.torch_compile + ["--fused-adam"] * options.torch_fused_adam
+            flags += ["--cuda-graphs"] * options.torch_cuda_graphs
+        child = [sys.executable, __file__, "--child", impl, str(iterations), *SETTINGS[setting], *flags]
+        done = subprocess.run(child, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{impl} {setting} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        result = json.loads(done.stdout.split("RESULT ", 1)[1])
+        result.update(setting=setting, implementation=impl, iterations=iterations, flags=flags)
+        results.append(result)
+        print(
+            f"{impl:5s} {setting:9s}{''.join(' ' + flag for flag in flags)}: {result['sps']:8,.0f} env-steps/s  "
+            f"({result['seconds_per_iteration'] * 1000:,.0f} ms/iteration)  compile {result['compile_s']:5.1f} s  "
+            f"peak RSS {result['peak_rss_mib']:6,.0f} MiB"
+            + (f"  peak GPU {result['peak_gpu_mib']:6,.0f} MiB" if result["peak_gpu_mib"] is not None else ""),
+            flush=True,
+        )
     if options.json_out:
         with open(options.json_out, "w") as f:
             json.dump(results, f, indent=2)

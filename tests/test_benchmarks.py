@@ -291,3 +291,10 @@ def test_authors_code_compare_merges_our_extra_seeds(tmp_path):
     assert (tmp_path / "fig.png").stat().st_size > 0
     write(authors_dir, "reppo_jax", 1, [0, 40_000], [100.0, 300.0])  # the same seed in both trees: refused
     assert authors_code.main(opts) == 1
+
+
+def test_speed_refuses_the_maniskill_setting_for_the_jax_file_alone():
+    """reppo_jax.py runs Playground tasks only: asked for nothing else, speed.py says so."""
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--settings", "maniskill"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "runs reppo_torch.py only" in done.stderr

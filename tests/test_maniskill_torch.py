@@ -9,7 +9,10 @@ SAPIEN needs a Vulkan driver even for state observations. Without one these test
 import csv
 import ctypes
 import glob
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -96,3 +99,18 @@ def test_short_pickcube_run_logs_success_and_its_checkpoint_reloads(tmp_path, ca
 
     assert rt.main(["--resume", checkpoint, "--total-timesteps", "64", "--no-progress"]) == 0
     assert rt.read_checkpoint(checkpoint)["global_step"] == 64
+
+
+def test_speed_benchmark_measures_pickcube_on_the_cpu_simulator(tmp_path):
+    """benchmarks/speed.py's 'maniskill' setting (the README's ManiSkill speed figure): one
+    warm-up and one timed iteration of --preset cpu on PickCube-v1, one env on physx_cpu."""
+    require_maniskill()
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "speed.py")
+    out = tmp_path / "speed.json"
+    command = [sys.executable, script, "--settings", "maniskill", "--implementations", "torch", "--iterations", "1"]
+    subprocess.run([*command, "--json-out", str(out)], check=True, timeout=600, env=os.environ.copy())
+    (result,) = json.loads(out.read_text())
+    assert (result["setting"], result["implementation"], result["backend"]) == ("maniskill", "torch", "cpu")
+    assert result["sps"] > 0 and result["seconds_per_iteration"] > 0
+    assert abs(result["sps"] * result["seconds_per_iteration"] - 32) < 1e-6  # 1 env x 32 steps per iteration
+    assert result["peak_rss_mib"] > 100
