@@ -11,12 +11,11 @@ import ctypes
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 import reppo_torch as rt
 
@@ -105,10 +104,11 @@ def test_speed_benchmark_measures_pickcube_on_the_cpu_simulator(tmp_path):
     """benchmarks/speed.py's 'maniskill' setting (the README's ManiSkill speed figure): one
     warm-up and one timed iteration of --preset cpu on PickCube-v1, one env on physx_cpu."""
     require_maniskill()
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "speed.py")
     out = tmp_path / "speed.json"
-    command = [sys.executable, script, "--settings", "maniskill", "--implementations", "torch", "--iterations", "1"]
-    subprocess.run([*command, "--json-out", str(out)], check=True, timeout=600, env=os.environ.copy())
+    run_script(
+        "benchmarks/speed.py", "--settings", "maniskill", "--implementations", "torch", "--iterations", "1",
+        "--json-out", str(out),
+    )  # fmt: skip
     (result,) = json.loads(out.read_text())
     assert (result["setting"], result["implementation"], result["backend"]) == ("maniskill", "torch", "cpu")
     assert result["sps"] > 0 and result["seconds_per_iteration"] > 0
