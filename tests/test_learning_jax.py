@@ -7,6 +7,9 @@ the same setting, run on this machine, gave 344, 666 and 548 at 491,520 steps (d
 A broken learner stays near its start. Under the suite's `-n 2` this run gets one core and one
 thread (tests/conftest.py), which changes the floating-point sums and so the curve: session 9,
 that way, 538 at 348k, 441 at 368k and 438 at 389k env steps (310 untrained), 5.4 minutes.
+Session 12, seeds 1-8 with one thread each on an Intel Xeon VM (as the suite runs them): first
+evaluation above 400 at 307k, 348k, 307k, 164k, 328k, 123k, 246k and 266k env steps, all 8
+within this budget (3 min per run); the PyTorch file's 8 seeds: docs/results.md.
 """
 
 from conftest import cartpole_learning_run
