@@ -149,6 +149,8 @@ def main() -> None:
     ]
     if not pairs:
         sys.exit("nothing to measure: the maniskill setting runs reppo_torch.py only (--implementations torch)")
+    if "jax" in options.implementations and TORCH_ONLY & set(options.settings):
+        print("reppo_jax.py runs Playground tasks only: the maniskill setting measures reppo_torch.py alone")
     results = []
     for setting, impl in pairs:
         iterations = options.iterations or (1 if setting == "paper" else 20)
