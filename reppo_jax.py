@@ -76,7 +76,7 @@ class Args:
     num_seeds: int = 1
     """number of independent seeds trained at once in this process (vmap)"""
     preset: Literal["paper", "cpu"] = "paper"
-    """'paper': SPEC defaults (1024 envs, hidden 512); 'cpu': 64 envs, 4 minibatches, hidden 256"""
+    """'paper': SPEC defaults (1024 envs, hidden 512); 'cpu': 64 envs, 4 minibatches, hidden 256, log every 20"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "reppo"
@@ -227,6 +227,10 @@ def resolve_args(args: Args) -> Args:
         )
     if not args.vmin < args.vmax or args.num_bins < 2:
         raise UserError(f"need vmin < vmax and num_bins >= 2, got {args.vmin}, {args.vmax}, {args.num_bins}")
+    if not 0.0 < args.gamma <= 1.0:
+        raise UserError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not 0.0 <= args.lmbda <= 1.0:
+        raise UserError(f"--lmbda must be in [0, 1], got {args.lmbda}")
     return args
 
 
@@ -1275,11 +1279,26 @@ def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
     saved = dataclasses.replace(Args(), **read_checkpoint_meta(args.resume or args.checkpoint)["args"])
     overrides = {"resume": args.resume, "checkpoint": args.checkpoint, "eval_only": args.eval_only}
     overrides["progress"] = args.progress
-    for flag in ["total_timesteps", "num_eval_envs"]:
+    may_change = ["total_timesteps", "num_eval_envs"]
+    for flag in may_change:
         cli_flag = "--" + flag.replace("_", "-")
         if any(token == cli_flag or token.startswith(cli_flag + "=") for token in argv):
             overrides[flag] = getattr(args, flag)
+    warn_ignored_flags(argv, may_change + list(overrides))
     return dataclasses.replace(saved, **overrides)
+
+
+def warn_ignored_flags(argv: list[str], used: list[str]) -> None:
+    """Say which flags given beside --resume / --eval-only the checkpoint's arguments override."""
+    allowed = {name.replace("_", "-") for name in used}
+    given = [token[2:].split("=")[0] for token in argv if token.startswith("--")]
+    ignored = [name for name in given if name not in allowed and name.removeprefix("no-") not in allowed]
+    if ignored:
+        print(
+            "note: --resume and --eval-only take the checkpoint's own arguments; ignored: "
+            + ", ".join("--" + name for name in ignored),
+            file=sys.stderr,
+        )
 
 
 def run_eval_only(args: Args) -> None:
@@ -1343,9 +1362,7 @@ def train(args: Args) -> str:
         while iteration < num_iterations:
             chunk = chunk_length(iteration, num_iterations, args.log_interval)
             runner.compile_chunk(state, chunk)  # a no-op once this chunk length is compiled
-            if interrupted["flag"]:
-                interrupted["clean"] = True  # stopped between chunks
-                raise KeyboardInterrupt
+            stop_if_interrupted(interrupted)
             start = time.perf_counter()
             new_state, metrics = runner.train_chunk(state, chunk)
             metrics = jax.device_get(metrics)
@@ -1368,6 +1385,7 @@ def train(args: Args) -> str:
             logger.progress(global_step, sps, float(returns.mean()))
             if args.save_model:
                 save_checkpoint(checkpoint_path, state, args, global_step)
+        stop_if_interrupted(interrupted)  # a Ctrl-C in the last chunk still gets its checkpoint
         logger.write(
             f"done: {iteration * batch_size:,} steps, final eval return "
             f"{float(returns.mean()):.1f}, SPS {train_steps / max(train_seconds, 1e-9):,.0f} "
@@ -1411,6 +1429,13 @@ def install_interrupt_handler() -> dict[str, bool]:
     except ValueError:  # not the main thread (e.g. some test runners): plain KeyboardInterrupt
         _previous_sigint_handler = None
     return state
+
+
+def stop_if_interrupted(state: dict[str, bool]) -> None:
+    """Between chunks: after a first Ctrl-C, stop cleanly (the caller then saves a checkpoint)."""
+    if state["flag"]:
+        state["clean"] = True
+        raise KeyboardInterrupt
 
 
 def restore_interrupt_handler() -> None:

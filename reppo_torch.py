@@ -87,7 +87,7 @@ class Args:
     num_seeds: int = 1
     """number of independent seeds, trained one after another (one run folder each)"""
     preset: Literal["paper", "cpu"] = "paper"
-    """'paper': SPEC defaults (1024 envs, hidden 512); 'cpu': 64 envs, 4 minibatches, hidden 256"""
+    """'paper': SPEC defaults (1024 envs, hidden 512); 'cpu': 64 envs, 4 minibatches, hidden 256, log every 20"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "reppo"
@@ -277,6 +277,11 @@ def resolve_args(args: Args) -> Args:
         )
     if not args.vmin < args.vmax or args.num_bins < 2:
         raise UserError(f"need vmin < vmax and num_bins >= 2, got {args.vmin}, {args.vmax}, {args.num_bins}")
+    if not 0.0 < args.gamma <= 1.0:
+        default = " (ManiSkill's default 1 - 10 / episode_length needs episodes of more than 10 steps)"
+        raise UserError(f"--gamma must be in (0, 1], got {args.gamma}" + (default if suite == "maniskill" else ""))
+    if not 0.0 <= args.lmbda <= 1.0:
+        raise UserError(f"--lmbda must be in [0, 1], got {args.lmbda}")
     return args
 
 
@@ -507,7 +512,7 @@ def torch_to_jax(tensor: torch.Tensor):
 class PlaygroundEnv:
     """N Playground envs stepped in JAX, seen from PyTorch. The physics state, the step
     counters and the JAX random key stay on the JAX side (``self.carry``); each step sends
-    the action over and gets the StepResult back, both through DLPack."""
+    the action over (``torch_to_jax``) and gets the StepResult back through DLPack."""
 
     suite = "dm_control"
 
@@ -583,6 +588,9 @@ class PlaygroundEnv:
         return StepResult(
             obs, final_obs, reward, terminated, truncated, done, episode_return, episode_length, no_success, no_success
         )
+
+    def close(self) -> None:
+        pass  # nothing to free: the JAX arrays go with this object
 
     # The JAX-side state is part of a checkpoint (unpacked: one array per field), so that a
     # resumed run continues exactly.
@@ -689,7 +697,6 @@ class ManiSkillEnv:
         self.seed = seed
         self.resets = 0  # number of full resets so far (each gets a fresh seed)
         self.from_reset = torch.zeros(num_envs, dtype=torch.bool, device=device)
-        self.obs = None
 
     def reset(self, randomize_steps: bool, key: int | None = None) -> torch.Tensor:
         # Fresh seeds for every full reset: seed * 1_000_003 + counter (or an explicit one).
@@ -704,8 +711,7 @@ class ManiSkillEnv:
             self.base._elapsed_steps[:] = steps.to(self.base._elapsed_steps.device)
         # IMPLEMENTATION DETAIL 10: shortened first episodes are not logged.
         self.from_reset = torch.full((self.num_envs,), not randomize_steps, device=self.device)
-        self.obs = obs.to(self.device, torch.float32)
-        return self.obs
+        return obs.to(self.device, torch.float32)
 
     def step(self, action: torch.Tensor) -> StepResult:
         obs, reward, _, truncated, info = self.env.step(action.to(self.base.device))
@@ -738,7 +744,6 @@ class ManiSkillEnv:
             success_at_end=field("success_at_end"),
         )
         self.from_reset = self.from_reset | done
-        self.obs = result.next_obs
         return result
 
     def get_state(self) -> dict:
@@ -750,7 +755,7 @@ class ManiSkillEnv:
         self.resets = int(saved.get("resets", 0)) + 1
 
     def close(self) -> None:
-        self.env.close()
+        self.env.close()  # frees the simulator (a --num-seeds run builds one per seed)
 
 
 def make_env(args: Args, num_envs: int, seed: int, device: torch.device, auto_reset: bool = True):
@@ -762,6 +767,14 @@ def make_env(args: Args, num_envs: int, seed: int, device: torch.device, auto_re
         env = make_playground_env(args.env_id, args.impl, args.episode_length)
         return PlaygroundEnv(env, num_envs, args.episode_length, seed, device, auto_reset)
     return ManiSkillEnv(args, num_envs, seed, device)
+
+
+def make_eval_env(args: Args, seed: int, device: torch.device):
+    """The evaluation envs, separate from the training ones: ``num_eval_envs`` of them, except
+    that ManiSkill on the CPU simulator holds one env per process; evaluation then plays its
+    num_eval_envs episodes one after another on that single env."""
+    one_at_a_time = env_suite(args.env_id) == "maniskill" and device.type != "cuda"
+    return make_env(args, 1 if one_at_a_time else args.num_eval_envs, seed + 10_000, device, auto_reset=False)
 
 
 # ======================================================================================
@@ -1126,7 +1139,8 @@ def bootstrap(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What one step leaves for the targets (SPEC 6): the value of the TRUE next state s'
     under the current policy, v' = mean_k Q(s', a'_k) with K fresh actions a'_k ~ pi(.|s')
-    (``noise`` (K, N, A)), the soft reward r~ = r - gamma * alpha * mean_k log pi(a'_k|s')
+    (``noise`` (K, N, A)), the soft reward
+    r~ = r - (1 - terminated) * gamma * alpha * mean_k log pi(a'_k|s')
     and the critic's features z' of (s', a'_1), the aux head's target.
     Returns (soft_reward (N,), next_value (N,), next_features (N, hidden))."""
     next_obs = normalize(normalizer, final_obs)  # (N, O)
@@ -1157,8 +1171,7 @@ class Rollout(NamedTuple):
     episode_done: torch.Tensor
     episode_return: torch.Tensor
     episode_length: torch.Tensor
-    success_once: torch.Tensor
-    success_at_end: torch.Tensor
+    success_once: torch.Tensor  # ManiSkill: the finished episode succeeded at some step (else zeros)
 
 
 def allocate_rollout(T: int, N: int, obs_size: int, action_size: int, hidden: int, device) -> Rollout:
@@ -1181,7 +1194,6 @@ def allocate_rollout(T: int, N: int, obs_size: int, action_size: int, hidden: in
         episode_return=zeros(),
         episode_length=zeros(),
         success_once=zeros(),
-        success_at_end=zeros(),
     )
 
 
@@ -1223,14 +1235,9 @@ class Trainer:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         torch.manual_seed(seed)  # network initialisation
         self.env = env if env is not None else make_env(args, args.num_envs, seed, device)
-        self.eval_env = None
-        if build_eval_env:
-            # ManiSkill on the CPU simulator holds one env per process: evaluation then
-            # plays its num_eval_envs episodes one after another on a single env.
-            num_eval = args.num_eval_envs if self.env.suite == "dm_control" or device.type == "cuda" else 1
-            self.eval_env = make_env(args, num_eval, seed + 10_000, device, auto_reset=False)
+        self.eval_env = make_eval_env(args, seed, device) if build_eval_env else None
         obs_size, action_size = self.env.obs_size, self.env.action_size
-        self.obs_size, self.action_size = obs_size, action_size
+        self.action_size = action_size
         self.entropy_target = -args.ent_target_mult * action_size
 
         self.actor = Actor(obs_size, action_size, args.actor_hidden, args.min_std).to(device)
@@ -1307,7 +1314,7 @@ class Trainer:
                 ("next_features", next_features), ("terminated", step.terminated),
                 ("truncated", step.truncated), ("episode_done", step.episode_done),
                 ("episode_return", step.episode_return), ("episode_length", step.episode_length),
-                ("success_once", step.success_once), ("success_at_end", step.success_at_end),
+                ("success_once", step.success_once),
             ):  # fmt: skip
                 getattr(buf, name)[t] = value
             self.obs = step.next_obs
@@ -1543,6 +1550,11 @@ class Trainer:
             result["success_at_end"] = torch.cat(success_at_end)[: args.num_eval_envs].cpu().numpy()
         return result
 
+    def close(self) -> None:
+        self.env.close()
+        if self.eval_env is not None and self.eval_env is not self.env:
+            self.eval_env.close()
+
     # --- checkpoint contents -----------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -1570,7 +1582,20 @@ class Trainer:
         self.graph = None  # a recorded graph would still read Adam's old moment tensors
         self.normalizer = NormalizerState(**{k: v.to(self.device) for k, v in state["normalizer"].items()})
         self.iteration = int(state["iteration"])
-        self.generator.set_state(state["generator"])
+        if state["generator"].numel() == self.generator.get_state().numel():
+            self.generator.set_state(state["generator"])
+        else:
+            # Saved on the other kind of device: a CPU generator's state (5,056 bytes) and a
+            # CUDA one's (16 bytes) are not interchangeable, so that stream cannot go on here.
+            # A fresh one, derived from the seed and the iteration, takes over.
+            self.generator.manual_seed((self.seed + 1) * 2**32 + self.iteration)
+            if with_env:  # resuming training (evaluation never reads this generator)
+                print(
+                    f"note: the checkpoint's random generator was saved on another kind of device than "
+                    f"{self.device.type}; training goes on with a fresh random stream (so it will not repeat "
+                    "the unbroken run exactly)",
+                    file=sys.stderr,
+                )
         if with_env:
             self.env.set_state(state["env"])
             if self.env.suite == "dm_control":
@@ -1749,14 +1774,21 @@ def eval_rows(args: Args, trainer: Trainer) -> dict[str, float]:
     return row
 
 
-def train_row(metrics: list[dict[str, float]], sps: float) -> dict[str, float]:
-    """Average the per-iteration metrics since the last log point into one row."""
+def train_row(metrics: list[dict[str, float]], sps: float, maniskill: bool) -> dict[str, float]:
+    """Average the per-iteration metrics since the last log point into one row; the training
+    episodes that ended meanwhile give the mean return and length (and, for ManiSkill, the
+    fraction that succeeded at some step)."""
     names = [k for k in metrics[0] if not k.startswith("charts/episode")]
     row = {k: float(np.mean([m[k] for m in metrics])) for k in names}
     episodes = sum(m["charts/episodes"] for m in metrics)
-    nan = float("nan")
-    row["charts/episodic_return"] = sum(m["charts/episode_return_sum"] for m in metrics) / episodes if episodes else nan
-    row["charts/episodic_length"] = sum(m["charts/episode_length_sum"] for m in metrics) / episodes if episodes else nan
+
+    def per_episode(name: str) -> float:
+        return sum(m[name] for m in metrics) / episodes if episodes else float("nan")
+
+    row["charts/episodic_return"] = per_episode("charts/episode_return_sum")
+    row["charts/episodic_length"] = per_episode("charts/episode_length_sum")
+    if maniskill:
+        row["charts/success_once"] = per_episode("charts/episode_success_sum")
     row["charts/SPS"] = sps
     return row
 
@@ -1792,22 +1824,34 @@ def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
     saved = dataclasses.replace(Args(), **read_checkpoint(args.resume or args.checkpoint)["args"])
     overrides = {"resume": args.resume, "checkpoint": args.checkpoint, "eval_only": args.eval_only}
     overrides["progress"] = args.progress
-    for flag in ["total_timesteps", "num_eval_envs", "device", "torch_threads", "compile", "fused_adam", "cuda_graphs"]:
+    may_change = ["total_timesteps", "num_eval_envs", "device", "torch_threads", "compile", "fused_adam", "cuda_graphs"]
+    for flag in may_change:
         name = flag.replace("_", "-")
         cli_flags = ("--" + name, "--no-" + name)  # tyro's pair for a boolean flag
         if any(token in cli_flags or token.startswith(cli_flags[0] + "=") for token in argv):
             overrides[flag] = getattr(args, flag)
+    warn_ignored_flags(argv, may_change + list(overrides))
     return dataclasses.replace(saved, **overrides)
+
+
+def warn_ignored_flags(argv: list[str], used: list[str]) -> None:
+    """Say which flags given beside --resume / --eval-only the checkpoint's arguments override."""
+    allowed = {name.replace("_", "-") for name in used}
+    given = [token[2:].split("=")[0] for token in argv if token.startswith("--")]
+    ignored = [name for name in given if name not in allowed and name.removeprefix("no-") not in allowed]
+    if ignored:
+        print(
+            "note: --resume and --eval-only take the checkpoint's own arguments; ignored: "
+            + ", ".join("--" + name for name in ignored),
+            file=sys.stderr,
+        )
 
 
 def run_eval_only(args: Args) -> None:
     payload = read_checkpoint(args.checkpoint)
     device = torch_device(args)
     # Evaluation needs no training envs: the evaluation envs stand in for them.
-    is_cuda_or_playground = device.type == "cuda" or env_suite(args.env_id) == "dm_control"
-    eval_env = make_env(
-        args, args.num_eval_envs if is_cuda_or_playground else 1, args.seed + 10_000, device, auto_reset=False
-    )
+    eval_env = make_eval_env(args, args.seed, device)
     trainer = Trainer(
         dataclasses.replace(args, num_envs=eval_env.num_envs), args.seed, device, env=eval_env, build_eval_env=False
     )
@@ -1826,6 +1870,7 @@ def run_eval_only(args: Args) -> None:
             f" success_once={row['eval_stochastic/success_once']:.2f})"
         )
     print(line)
+    trainer.close()
 
 
 def train(args: Args) -> str:
@@ -1867,7 +1912,7 @@ def train(args: Args) -> str:
     train_seconds, train_steps = 0.0, 0
     warmed_up = False  # the first iteration of a process (JAX compilation, allocator warm-up) is not timed
     metrics: list[dict[str, float]] = []
-    eval_return = float("nan")
+    eval_return = sps = float("nan")
     last_finite = None
     # Ctrl-C: the first one lets the running iteration finish and then saves a clean
     # checkpoint of the last completed iteration (so --resume continues exactly); a second
@@ -1879,9 +1924,7 @@ def train(args: Args) -> str:
             logger.log(0, [row])
             eval_return = row["eval/episodic_return"]
         while iteration < num_iterations:
-            if interrupted["flag"]:
-                interrupted["clean"] = True  # stopped between iterations
-                raise KeyboardInterrupt
+            stop_if_interrupted(interrupted)
             if args.save_model or args.resume:  # kept to be saved if this iteration goes non-finite
                 last_finite = copy.deepcopy(trainer.state_dict())
             start = time.perf_counter()
@@ -1906,18 +1949,14 @@ def train(args: Args) -> str:
             sps = train_steps / train_seconds if train_seconds > 0 else float("nan")
             logger.progress(global_step, sps, eval_return)
             if iteration % args.log_interval == 0 or iteration == num_iterations:
-                row = {**train_row(metrics, sps), **eval_rows(args, trainer)}
-                if trainer.env.suite == "maniskill":
-                    episodes = sum(m["charts/episodes"] for m in metrics)
-                    successes = sum(m["charts/episode_success_sum"] for m in metrics)
-                    row["charts/success_once"] = successes / episodes if episodes else float("nan")
+                row = {**train_row(metrics, sps, trainer.env.suite == "maniskill"), **eval_rows(args, trainer)}
                 metrics = []
                 eval_return = row["eval/episodic_return"]
                 logger.log(global_step, [row])
                 logger.progress(global_step, sps, eval_return, row.get("eval/success_once"))
                 if args.save_model:
                     save_checkpoint(checkpoint_path, trainer, args, global_step)
-        sps = train_steps / train_seconds if train_seconds > 0 else float("nan")
+        stop_if_interrupted(interrupted)  # a Ctrl-C in the last iteration still gets its checkpoint
         logger.write(
             f"done: {iteration * batch_size:,} steps, final eval return {eval_return:.1f}, "
             f"SPS {sps:,.0f} (after the first, warm-up iteration), peak RSS {peak_rss_mb():,.0f} MiB"
@@ -1932,6 +1971,7 @@ def train(args: Args) -> str:
         raise
     finally:
         restore_interrupt_handler()
+        trainer.close()
     logger.close()
     return run_dir
 
@@ -1958,6 +1998,13 @@ def install_interrupt_handler() -> dict[str, bool]:
     except ValueError:  # not the main thread (e.g. some test runners): plain KeyboardInterrupt
         _previous_sigint_handler = None
     return state
+
+
+def stop_if_interrupted(state: dict[str, bool]) -> None:
+    """Between iterations: after a first Ctrl-C, stop cleanly (the caller then saves a checkpoint)."""
+    if state["flag"]:
+        state["clean"] = True
+        raise KeyboardInterrupt
 
 
 def restore_interrupt_handler() -> None:

@@ -24,9 +24,7 @@ if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
         os.sched_setaffinity(0, {cores[int(os.environ["PYTEST_XDIST_WORKER"][2:])]})
     for name in ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"]:
         os.environ[name] = "1"
-    os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
-    ).strip()
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false"]).strip()
 
 # ---- helpers shared by the CLI and learning tests of both files -------------------------
 

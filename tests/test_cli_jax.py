@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -62,10 +63,71 @@ def test_tiny_run_writes_args_metrics_and_checkpoint(full_run):
 
 def test_eval_only_evaluates_the_checkpoint(full_run, capsys):
     # In-process from here on (the subprocess path is covered by full_run, --help and Ctrl-C).
+    # Evaluation episodes are drawn from the seed and the iteration, so --eval-only of the
+    # final checkpoint plays the episodes of the run's last log point: the same return means
+    # the checkpoint's own weights and normaliser were evaluated (the untrained policy's differs).
     checkpoint = os.path.join(full_run, "checkpoint.npz")
-    assert rj.main(["--eval-only", "--checkpoint", checkpoint, "--num-eval-envs", "3"]) == 0
+    rows = read_metrics(full_run)
+    untrained, final = (float(rows[i]["eval/episodic_return"]) for i in (0, -1))
+    assert f"{untrained:.2f}" != f"{final:.2f}"
+    assert rj.main(["--eval-only", "--checkpoint", checkpoint]) == 0
     out = capsys.readouterr().out
-    assert "eval seed=3" in out and "over 3 episodes" in out
+    assert f"eval seed=3 step={4 * BATCH} episodic_return={final:.2f} +- " in out and "over 2 episodes" in out
+    assert rj.main(["--eval-only", "--checkpoint", checkpoint, "--num-eval-envs", "3"]) == 0
+    assert "over 3 episodes" in capsys.readouterr().out
+
+
+def test_num_seeds_trains_the_seeds_side_by_side(full_run, tmp_path, capsys):
+    """--num-seeds 2 trains seeds 3 and 4 under one vmap, in one run folder with a row per seed
+    and log point. Seed 3 there is the single-seed run of seed 3 (full_run) up to the rounding
+    of batched matrix products; seed 4 is another run; --eval-only evaluates both."""
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path), "--save-model", "--seed", "3"]
+    assert rj.main([*argv, "--num-seeds", "2"]) == 0
+    run_dir = only_run(tmp_path)
+    rows = read_metrics(run_dir)
+    expected = [(0, "3"), (0, "4"), (2 * BATCH, "3"), (2 * BATCH, "4")]
+    assert [(int(r["global_step"]), r["seed"]) for r in rows] == expected
+    single = {int(r["global_step"]): r for r in read_metrics(full_run)}
+    for row in rows:
+        alone = single[int(row["global_step"])]
+        same = [c for c in row if c not in ("seed", "charts/SPS") and row[c] != ""]
+        close = [np.isclose(float(row[c]), float(alone[c]), rtol=1e-4, atol=1e-6, equal_nan=True) for c in same]
+        assert all(close) if row["seed"] == "3" else not all(close), (row, alone)
+    capsys.readouterr()
+    assert rj.main(["--eval-only", "--checkpoint", os.path.join(run_dir, "checkpoint.npz")]) == 0
+    out = capsys.readouterr().out
+    for row in rows[2:]:
+        expected = f"eval seed={row['seed']} step={2 * BATCH} episodic_return={float(row['eval/episodic_return']):.2f}"
+        assert expected in out
+
+
+def test_ctrl_c_in_the_last_chunk_still_saves_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C promises a checkpoint after the running chunk, also when that chunk
+    is the last one (and no --save-model asked for checkpoints anyway)."""
+    real_train_chunk = rj.Runner.train_chunk
+
+    def ctrl_c_in_the_last_chunk(runner, state, num_iterations):
+        result = real_train_chunk(runner, state, num_iterations)
+        handler = signal.getsignal(signal.SIGINT)  # the run's own handler, called as SIGINT would
+        assert handler.__qualname__.startswith("install_interrupt_handler"), handler
+        handler(signal.SIGINT, None)
+        return result
+
+    monkeypatch.setattr(rj.Runner, "train_chunk", ctrl_c_in_the_last_chunk)
+    # One chunk: 2 iterations, logged every 2.
+    assert rj.main([*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path)]) == 130
+    assert "interrupted: saved" in capsys.readouterr().err
+    with np.load(os.path.join(only_run(tmp_path), "checkpoint.npz")) as data:
+        assert json.loads(str(data["meta"]))["global_step"] == 2 * BATCH
+
+
+def test_flags_a_checkpoint_overrides_are_named(full_run, capsys):
+    checkpoint = os.path.join(full_run, "checkpoint.npz")
+    argv = ["--resume", checkpoint, "--total-timesteps", "999999", "--log-interval", "5", "--no-track", "--no-progress"]
+    args = rj.args_from_checkpoint(rj.parse_args(argv), argv)
+    assert (args.total_timesteps, args.log_interval, args.progress) == (999999, 2, False)  # log-interval: saved
+    err = capsys.readouterr().err
+    assert "ignored: --log-interval, --no-track" in err and "--total-timesteps" not in err
 
 
 def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
@@ -90,6 +152,8 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--eval-only"], "--eval-only needs --checkpoint PATH"),
         (["--resume", "/nonexistent/checkpoint.npz"], "does not exist"),
         (["--total-timesteps", "10"], "smaller than one iteration"),
+        (["--gamma", "0"], "--gamma must be in (0, 1], got 0.0"),
+        (["--lmbda", "1.5"], "--lmbda must be in [0, 1], got 1.5"),
     ],
 )
 def test_bad_input_gives_a_clear_message_and_exit_code_2(argv, message, capsys):

@@ -4,6 +4,8 @@
 import glob
 import json
 import os
+import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -75,10 +77,27 @@ def test_tiny_run_writes_args_metrics_and_checkpoint(full_run):
 
 
 def test_eval_only_evaluates_the_checkpoint(full_run, capsys):
+    # Evaluation episodes are drawn from the seed and the iteration, so --eval-only of the
+    # final checkpoint plays the episodes of the run's last log point: the same return means
+    # the checkpoint's own weights and normaliser were evaluated (the untrained policy's differs).
     checkpoint = os.path.join(full_run, "checkpoint.pt")
-    assert rt.main(["--eval-only", "--checkpoint", checkpoint, "--num-eval-envs", "3"]) == 0
+    rows = read_metrics(full_run)
+    untrained, final = (float(rows[i]["eval/episodic_return"]) for i in (0, -1))
+    assert f"{untrained:.2f}" != f"{final:.2f}"
+    assert rt.main(["--eval-only", "--checkpoint", checkpoint]) == 0
     out = capsys.readouterr().out
-    assert "eval seed=3" in out and "over 3 episodes" in out
+    assert f"eval seed=3 step={4 * BATCH} episodic_return={final:.2f} +- " in out and "over 2 episodes" in out
+    assert rt.main(["--eval-only", "--checkpoint", checkpoint, "--num-eval-envs", "3"]) == 0
+    assert "over 3 episodes" in capsys.readouterr().out
+
+
+def test_flags_a_checkpoint_overrides_are_named(full_run, capsys):
+    checkpoint = os.path.join(full_run, "checkpoint.pt")
+    argv = ["--resume", checkpoint, "--total-timesteps", "999999", "--log-interval", "5", "--no-track", "--no-progress"]
+    args = rt.args_from_checkpoint(rt.parse_args(argv), argv)
+    assert (args.total_timesteps, args.log_interval, args.progress) == (999999, 2, False)  # log-interval: saved
+    err = capsys.readouterr().err
+    assert "ignored: --log-interval, --no-track" in err and "--total-timesteps" not in err
 
 
 def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
@@ -109,6 +128,9 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--eval-only"], "--eval-only needs --checkpoint PATH"),
         (["--resume", "/nonexistent/checkpoint.pt"], "does not exist"),
         (["--total-timesteps", "10"], "smaller than one iteration"),
+        (["--gamma", "0"], "--gamma must be in (0, 1], got 0.0"),
+        (["--lmbda", "1.5"], "--lmbda must be in [0, 1], got 1.5"),
+        (["--env-id", "PushCube-v1", "--episode-length", "10"], "ManiSkill's default 1 - 10 / episode_length"),
         pytest.param(
             ["--cuda-graphs"],
             "--cuda-graphs needs a CUDA device",
@@ -143,6 +165,40 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
     assert payload["global_step"] == 0
     for module in ("actor", "critic"):
         assert all(torch.isfinite(v).all() for v in payload["trainer"][module].values())
+
+
+def test_a_checkpoint_from_another_kind_of_device_resumes_with_a_fresh_random_stream(full_run, tmp_path, capsys):
+    """A CUDA generator's state (16 bytes) cannot go on in a CPU generator (or back): a run
+    saved on a GPU resumes on a CPU with a fresh stream and a note, not a traceback."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(full_run, run_dir)
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["trainer"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator saves
+    torch.save(payload, checkpoint)
+    assert rt.main(["--resume", checkpoint, "--total-timesteps", str(6 * BATCH)]) == 0
+    assert "training goes on with a fresh random stream" in capsys.readouterr().err
+    assert int(read_metrics(run_dir)[-1]["global_step"]) == 6 * BATCH
+
+
+def test_ctrl_c_in_the_last_iteration_still_saves_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C promises a checkpoint after the running iteration, also when that
+    iteration is the last one (and no --save-model asked for checkpoints anyway)."""
+    real_train_iteration = rt.Trainer.train_iteration
+
+    def ctrl_c_in_the_last_iteration(trainer):
+        metrics = real_train_iteration(trainer)
+        if trainer.iteration == 2:
+            handler = signal.getsignal(signal.SIGINT)  # the run's own handler, called as SIGINT would
+            assert handler.__qualname__.startswith("install_interrupt_handler"), handler
+            handler(signal.SIGINT, None)
+        return metrics
+
+    monkeypatch.setattr(rt.Trainer, "train_iteration", ctrl_c_in_the_last_iteration)
+    assert rt.main([*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path)]) == 130
+    assert "interrupted: saved" in capsys.readouterr().err
+    payload = torch.load(os.path.join(only_run(tmp_path), "checkpoint.pt"), weights_only=True)
+    assert payload["global_step"] == 2 * BATCH
 
 
 def test_num_seeds_runs_each_seed_in_its_own_folder(tmp_path):

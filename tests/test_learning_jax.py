@@ -4,7 +4,9 @@ Measured on 2 CPU cores (seed 1, --preset cpu): the untrained deterministic poli
 (seeds 11 and 12: ~152); evaluation returns then climb, noisily, past 400 within 400k env
 steps (seed 1: 481 at 368k; seed 11: 477 at 225k; seed 12: 445 at 287k). The authors' JAX code at
 the same setting, run on this machine, gave 344, 666 and 548 at 491,520 steps (docs/results.md).
-A broken learner stays near its start. Under the suite's `-n 2` this run gets one core and one
+Broken learners do not get there (session 13, seed 1, one thread, Intel, the same run): with
+--learning-rate 0 the best evaluation after step 0 was 245, with the sign of Q flipped in
+actor_loss 247; both ended near 150 (docs/results.md). Under the suite's `-n 2` this run gets one core and one
 thread (tests/conftest.py), which changes the floating-point sums and so the curve: session 9,
 that way, 538 at 348k, 441 at 368k and 438 at 389k env steps (310 untrained), 5.4 minutes.
 Session 12, seeds 1-8 with one thread each on an Intel Xeon VM (as the suite runs them): first

@@ -5,7 +5,10 @@ The untrained deterministic policy of seed 1 scores ~224; evaluation returns the
 noisily, past 400. Measured for seed 1: 437 at 287k env steps (2 threads, AMD EPYC VM);
 541 at 266k (one thread, as under the suite's `-n 2`, tests/conftest.py; AMD, session 9);
 425 at 369k and 505 at 389k (one thread, Intel Xeon VM, session 12). Thread count and CPU
-change the floating-point sums and so the curve. A broken learner stays near its start.
+change the floating-point sums and so the curve. Broken learners do not get there (session 13,
+seed 1, one thread, Intel, the same run): with --learning-rate 0 the best evaluation after step 0
+was 210, with the actor ascending -Q instead of Q (the sign of Q flipped in actor_loss) 310; both
+ended near 150 (docs/results.md).
 
 At this budget the curve is near the onset of learning, so the margin is modest: session 12,
 seeds 1-8 with one thread each on the Intel VM (`--preset cpu --total-timesteps 409600

@@ -113,8 +113,14 @@ def test_temperature_falls_when_entropy_is_above_target_and_rises_below(setup):
             return loss
 
         log_alpha = jnp.log(0.1)
-        new_log_alpha = log_alpha - 0.1 * jax.grad(objective)(log_alpha)  # one SGD step
+        grad = jax.grad(objective)(log_alpha)
+        new_log_alpha = log_alpha - 0.1 * grad  # one SGD step
         assert direction * (float(new_log_alpha) - float(log_alpha)) > 0
+        # Exactly the alpha loss's gradient, alpha * mean(-log pi - target): with sg(alpha)
+        # missing from the policy term (all states are inside the region here, KL = 0), the
+        # policy's own alpha * mean(log pi) would add to it.
+        _, log_prob = rj.sample_tanh_normal(mean, std, action_noise)
+        np.testing.assert_allclose(grad, 0.1 * jnp.mean(-log_prob - target), rtol=1e-5)
 
 
 def test_kl_multiplier_rises_when_kl_exceeds_the_bound_and_falls_below(setup):
