@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import integrate, stats
 
 import reppo_jax as rj
@@ -74,6 +75,12 @@ def test_sampled_log_prob_equals_log_prob_of_the_sample():
     action, log_prob = rj.sample_tanh_normal(jnp.asarray(mean), jnp.asarray(std), jnp.asarray(noise))
     np.testing.assert_allclose(np.tanh(mean + std * noise), action, atol=1e-6)
     np.testing.assert_allclose(log_prob, naive_tanh_normal_log_prob(action, mean, std), rtol=1e-4, atol=1e-3)
+
+
+def test_log_prob_is_finite_at_the_boundary():
+    """IMPLEMENTATION DETAIL 7: |a| = 1 is clipped before atanh."""
+    log_prob = rj.tanh_normal_log_prob(jnp.array([[1.0, -1.0]]), jnp.zeros((1, 2)), jnp.ones((1, 2)))
+    assert np.isfinite(np.asarray(log_prob)).all()
 
 
 @pytest.mark.parametrize("mean, std", [(0.0, 0.5), (0.7, 0.3), (-1.2, 1.0)])
@@ -227,3 +234,14 @@ def test_normalizer_accepts_time_major_batches():
     state = rj.normalizer_update(rj.normalizer_init(2), jnp.asarray(batch, jnp.float32))
     np.testing.assert_allclose(state.mean, batch.reshape(-1, 2).mean(0), atol=1e-5)
     assert math.isclose(float(state.count), 24)
+
+
+# ------------------------------------------------------------------------------ networks
+
+
+def test_actor_std_has_a_floor():
+    """IMPLEMENTATION DETAIL 2: std = exp(log_std) + min_std, however small log_std gets."""
+    actor = rj.Actor(5, 3, 32, 0.1, nnx.Rngs(0))
+    actor.head.bias[...] = actor.head.bias[...].at[3:].set(-100.0)  # log_std ~ -100
+    _, std = actor(jax.random.normal(jax.random.PRNGKey(0), (8, 5)))
+    assert (np.asarray(std) >= 0.1).all()
