@@ -429,8 +429,9 @@ def _where_env(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
 # 3. Math
 # ======================================================================================
 
-# IMPLEMENTATION DETAIL 7: actions fed to a log-probability are clipped to +-(1 - 1e-6)
-# so that atanh stays finite (tanh(u) rounds to exactly 1 in float32 for |u| > ~9).
+# IMPLEMENTATION DETAIL 7: an action given to tanh_normal_log_prob is clipped to +-(1 - 1e-6)
+# so that atanh stays finite (tanh(u) rounds to exactly 1 in float32 for |u| > ~9). Sampled
+# actions (sample_tanh_normal) keep their pre-tanh value u and need no clip.
 LOG_PROB_CLIP = 1.0 - 1e-6
 # The KL estimate clips its samples harder, to +-(1 - 1e-4) (SPEC section 8).
 KL_SAMPLE_CLIP = 1.0 - 1e-4
@@ -478,8 +479,9 @@ def tanh_normal_log_prob(action: jax.Array, mean: jax.Array, std: jax.Array) -> 
 def sample_tanh_normal(mean: jax.Array, std: jax.Array, noise: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Reparameterised sample a = tanh(mean + std * noise) and its log-probability.
 
-    The log-probability is computed from the pre-tanh value u, which equals
-    ``tanh_normal_log_prob(a, ...)`` without the atanh round trip.
+    The log-probability is computed from the pre-tanh value u: the same number as
+    ``tanh_normal_log_prob(a, ...)`` while |u| < atanh(1 - 1e-6) ~= 7.25, and still exact
+    beyond, where a is too close to +-1 for the clipped atanh to recover u.
     """
     pre_tanh = mean + std * noise
     return jnp.tanh(pre_tanh), tanh_normal_log_prob_from_pre_tanh(pre_tanh, mean, std)
@@ -1002,19 +1004,20 @@ def make_agent(args: Args, env) -> Agent:
         actor = nnx.merge(actor_graph, state.actor)
         env_state = eval_env.reset(key, randomize_steps=False)
 
-        def eval_step(carry, step_key):
+        def eval_step(carry, _):
             env_state, returns, alive = carry
             mean, _ = actor(normalize(state.normalizer, env_state.obs))
             action = jnp.clip(jnp.tanh(mean), -ACTION_CLIP, ACTION_CLIP)
-            env_state, step = eval_env.step(env_state, action, step_key, auto_reset=False)
+            # The step's key only seeds auto-resets, and evaluation plays one episode per env.
+            env_state, step = eval_env.step(env_state, action, key, auto_reset=False)
             returns = returns + jnp.where(alive, step.reward, 0.0)
             alive = alive & ~(step.terminated | step.truncated)
             return (env_state, returns, alive), None
 
         returns = jnp.zeros(args.num_eval_envs)
         alive = jnp.ones(args.num_eval_envs, bool)
-        keys = jax.random.split(key, args.episode_length)
-        (_, returns, _), _ = jax.lax.scan(eval_step, (env_state, returns, alive), keys)
+        carry = (env_state, returns, alive)
+        (_, returns, _), _ = jax.lax.scan(eval_step, carry, None, length=args.episode_length)
         return returns
 
     return Agent(init=init, train_chunk=train_chunk, evaluate=evaluate)
@@ -1319,6 +1322,11 @@ def train(args: Args) -> str:
     start_step = 0
     if args.resume is not None:  # continue in the checkpoint's own run folder
         start_step = read_checkpoint_meta(args.resume)["global_step"]
+        if start_step + args.num_envs * args.num_steps > args.total_timesteps:
+            raise UserError(
+                f"the checkpoint is at step {start_step:,}: --total-timesteps {args.total_timesteps:,} leaves "
+                "no iteration to run; give a larger --total-timesteps"
+            )
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         run_name = os.path.basename(run_dir)
     else:
@@ -1397,11 +1405,10 @@ def train(args: Args) -> str:
             logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
         else:
             logger.write("interrupted inside a chunk (Ctrl-C twice): no checkpoint written")
-        logger.close()
         raise
-    finally:
+    finally:  # also after a non-finite loss (UserError): the progress bar and wandb are closed
         restore_interrupt_handler()
-    logger.close()
+        logger.close()
     return run_dir
 
 

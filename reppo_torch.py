@@ -781,8 +781,9 @@ def make_eval_env(args: Args, seed: int, device: torch.device):
 # 3. Math
 # ======================================================================================
 
-# IMPLEMENTATION DETAIL 7: actions fed to a log-probability are clipped to +-(1 - 1e-6)
-# so that atanh stays finite (tanh(u) rounds to exactly 1 in float32 for |u| > ~9).
+# IMPLEMENTATION DETAIL 7: an action given to tanh_normal_log_prob is clipped to +-(1 - 1e-6)
+# so that atanh stays finite (tanh(u) rounds to exactly 1 in float32 for |u| > ~9). Sampled
+# actions (sample_tanh_normal) keep their pre-tanh value u and need no clip.
 LOG_PROB_CLIP = 1.0 - 1e-6
 # The KL estimate clips its samples harder, to +-(1 - 1e-4) (SPEC section 8).
 KL_SAMPLE_CLIP = 1.0 - 1e-4
@@ -834,7 +835,8 @@ def sample_tanh_normal(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tenso
 
     ``noise`` is standard normal, drawn by the caller (so gradients flow to mean and std:
     the reparameterisation trick). The log-probability is computed from the pre-tanh value
-    u, which equals ``tanh_normal_log_prob(a, ...)`` without the atanh round trip.
+    u: the same number as ``tanh_normal_log_prob(a, ...)`` while |u| < atanh(1 - 1e-6) ~= 7.25,
+    and still exact beyond, where a is too close to +-1 for the clipped atanh to recover u.
     """
     pre_tanh = mean + std * noise
     return torch.tanh(pre_tanh), tanh_normal_log_prob_from_pre_tanh(pre_tanh, mean, std)
@@ -1882,6 +1884,11 @@ def train(args: Args) -> str:
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         run_name = os.path.basename(run_dir)
         start_step = payload["global_step"]
+        if start_step + args.num_envs * args.num_steps > args.total_timesteps:
+            raise UserError(
+                f"the checkpoint is at step {start_step:,}: --total-timesteps {args.total_timesteps:,} leaves "
+                "no iteration to run; give a larger --total-timesteps"
+            )
     else:
         run_name, run_dir = make_run_dir(args)
     device = torch_device(args)
@@ -1967,12 +1974,11 @@ def train(args: Args) -> str:
             logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
         else:
             logger.write("interrupted twice, inside an iteration: no checkpoint written")
-        logger.close()
         raise
-    finally:
+    finally:  # also after a non-finite loss (UserError): the progress bar and wandb are closed
         restore_interrupt_handler()
         trainer.close()
-    logger.close()
+        logger.close()
     return run_dir
 
 

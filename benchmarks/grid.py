@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import tyro
@@ -122,13 +122,20 @@ def is_finished(job: Job) -> bool:
     return os.path.exists(job.csv_path)
 
 
-def finished_budget(job: Job) -> int | None:
-    """The budget recorded next to a finished CSV (None if no sidecar)."""
+def finished_differences(job: Job, extra_args: str, brax_args: str) -> list[str]:
+    """What the sidecar of a finished CSV records that differs from this grid's job: its budget
+    or the extra arguments it ran with (sidecars without a field are not compared on it)."""
     try:
         with open(sidecar_path(job.csv_path)) as f:
-            return int(json.load(f)["budget"])
-    except (OSError, KeyError, ValueError, TypeError):
-        return None
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return []
+    wanted = {"budget": job.budget, "extra_args": brax_args if job.impl == "brax_ppo" else extra_args}
+    return [
+        f"its {key} was {meta[key]!r}, not {value!r}"
+        for key, value in wanted.items()
+        if key in meta and meta[key] != value
+    ]
 
 
 def job_command(job: Job, runs_dir: str, extra_args: str = "", brax_args: str = "") -> list[str]:
@@ -214,6 +221,7 @@ def run_job(job: Job, opts: Options) -> bool:
         return False
 
     meta = {"implementation": job.impl, "env_id": job.task, "seed": job.seed, "budget": job.budget}
+    meta["extra_args"] = opts.brax_args if job.impl == "brax_ppo" else opts.extra_args
     meta.update({"command": shlex.join(cmd), "job_seconds": job_seconds})
     if job.impl == "brax_ppo":  # brax_ppo.py wrote the CSV and its own sidecar
         with open(sidecar_path(job.csv_path)) as f:
@@ -235,15 +243,20 @@ def run_job(job: Job, opts: Options) -> bool:
         meta["wall_seconds_method"] = REPPO_WALL_METHOD
         done = [line for line in log_text.splitlines() if line.startswith("done:")]
         meta["done_line"] = done[-1] if done else None
-        write_result_csv(job.csv_path, rows)
+    # The sidecar first: the CSV marks the job finished, and a finished job needs its record.
+    os.makedirs(os.path.dirname(job.csv_path), exist_ok=True)
     with open(sidecar_path(job.csv_path), "w") as f:
         json.dump(meta, f, indent=2, default=str)
+    if job.impl != "brax_ppo":
+        write_result_csv(job.csv_path, rows)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     print(f"[grid] done {job.name} in {job_seconds:.0f} s -> {os.path.relpath(job.csv_path, ROOT)}", flush=True)
     return True
 
 
 def main(opts: Options) -> int:
+    # Absolute: the Brax jobs run from the repository root and write their CSV themselves.
+    opts = replace(opts, results_dir=os.path.abspath(opts.results_dir))
     jobs = make_jobs(opts)
     if "reppo_torch" in opts.implementations and not os.path.exists(os.path.join(ROOT, "reppo_torch.py")):
         print("[grid] reppo_torch.py not found: its jobs are skipped", flush=True)
@@ -251,8 +264,8 @@ def main(opts: Options) -> int:
     todo, failed, ran = [], 0, 0
     for job in jobs:
         if is_finished(job):
-            budget = finished_budget(job)
-            note = "" if budget in (None, job.budget) else f" (WARNING: its budget was {budget}, not {job.budget})"
+            differences = finished_differences(job, opts.extra_args, opts.brax_args)
+            note = f" (WARNING: {'; '.join(differences)})" if differences else ""
             print(f"[grid] skip {job.name}: finished, {os.path.relpath(job.csv_path, ROOT)}{note}", flush=True)
         else:
             todo.append(job)

@@ -222,8 +222,9 @@ def welch_test(a: np.ndarray, b: np.ndarray, ci: float = 0.95) -> tuple[float, f
 
 
 def mean_returns(seed_curves: dict[int, Curve], grid: np.ndarray) -> np.ndarray:
-    """Each seed's evaluation return averaged over the env-step grid (the area under its
-    learning curve divided by the grid's length; sorted by seed). Unlike the final return, this
+    """Each seed's evaluation return averaged over the points of the env-step grid (evenly
+    spaced, so about the area under its learning curve divided by the grid's length; sorted
+    by seed). Unlike the final return, this
     statistic sees the whole curve: how fast a method learns, not only where it ends."""
     curves = [seed_curves[s] for s in sorted(seed_curves)]
     return np.array([interpolate(c["env_steps"], c["eval_return"], grid).mean() for c in curves])

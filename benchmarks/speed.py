@@ -167,7 +167,8 @@ def main() -> None:
         results.append(result)
         print(
             f"{impl:5s} {setting:9s}{''.join(' ' + flag for flag in flags)}: {result['sps']:8,.0f} env-steps/s  "
-            f"({result['seconds_per_iteration'] * 1000:,.0f} ms/iteration)  compile {result['compile_s']:5.1f} s  "
+            f"({result['seconds_per_iteration'] * 1000:,.0f} ms/iteration)  "
+            f"{'compile' if impl == 'jax' else 'set-up'} {result['compile_s']:5.1f} s  "
             f"peak RSS {result['peak_rss_mib']:6,.0f} MiB"
             + (f"  peak GPU {result['peak_gpu_mib']:6,.0f} MiB" if result["peak_gpu_mib"] is not None else ""),
             flush=True,

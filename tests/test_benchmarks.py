@@ -126,6 +126,16 @@ def test_welch_test_identical_and_different():
 
     half = stats.t.ppf(0.975, 4) * np.sqrt(2 * a.var(ddof=1) / 3)
     assert (lo, hi) == pytest.approx((500.0 - half, 500.0 + half))
+    # Unequal sizes and variances: Welch-Satterthwaite by hand (a pooled t-test gives another p).
+    a, b = np.array([1.0, 2.0, 3.0, 4.0, 10.0]), np.array([5.0, 5.5, 6.0])
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    t_hand = (a.mean() - b.mean()) / np.sqrt(va + vb)
+    p_hand = 2 * stats.t.sf(abs(t_hand), df)
+    half = stats.t.ppf(0.975, df) * np.sqrt(va + vb)
+    t, p, lo, hi = plot.welch_test(a, b)
+    assert (t, p, lo, hi) == pytest.approx((t_hand, p_hand, a.mean() - b.mean() - half, a.mean() - b.mean() + half))
+    assert abs(p - stats.ttest_ind(a, b, equal_var=True).pvalue) > 0.01
     assert plot.welch_test(np.full(3, 5.0), np.full(3, 5.0))[1] == 1.0
     assert plot.welch_test(np.full(3, 5.0), np.full(3, 6.0))[1] == 0.0
 
@@ -197,6 +207,9 @@ def test_convert_reppo_metrics(tmp_path):
 
 def test_grid_dry_run_skips_finished_jobs(tree):
     json.dump({"budget": 1_000_000}, open(tree / "reppo_jax" / "CartpoleBalance" / "seed1.json", "w"))
+    recorded = {"budget": 1_000_000, "extra_args": "--num-envs 16"}
+    json.dump(recorded, open(tree / "reppo_jax" / "CartpoleBalance" / "seed2.json", "w"))
+    json.dump({"budget": 500_000}, open(tree / "reppo_jax" / "CartpoleBalance" / "seed3.json", "w"))
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "grid.py"), "--dry-run", "--results-dir", str(tree)]
     cmd += ["--tasks", "CartpoleBalance", "PendulumSwingup", "--seeds", "1", "2", "3", "4"]
     cmd += ["--implementations", "reppo_jax", "brax_ppo", "--extra-args=--num-envs 8"]
@@ -208,6 +221,14 @@ def test_grid_dry_run_skips_finished_jobs(tree):
     assert "would run reppo_jax/CartpoleBalance/seed4" in out  # only a .tmp file there: rerun
     assert "would run brax_ppo/PendulumSwingup/seed4" in out
     assert "6 of 16 jobs finished, 10 to run" in out
+    # a finished job made otherwise is reused, with a warning that says how it differs
+    skips = {
+        seed: next(x for x in out.splitlines() if f"skip reppo_jax/CartpoleBalance/seed{seed}" in x)
+        for seed in (1, 2, 3)
+    }
+    assert "WARNING" not in skips[1]
+    assert "WARNING: its extra_args was '--num-envs 16', not '--num-envs 8'" in skips[2]
+    assert "WARNING: its budget was 500000, not 1000000" in skips[3]
     line = next(x for x in out.splitlines() if "would run reppo_jax/PendulumSwingup/seed2" in x)
     assert "reppo_jax.py --env-id PendulumSwingup --preset cpu --total-timesteps 1000000 --seed 2" in line
     assert line.endswith("--no-progress --num-envs 8")
@@ -216,6 +237,11 @@ def test_grid_dry_run_skips_finished_jobs(tree):
     assert "--num-envs" not in line
     # nothing was written by a dry run
     assert not (tree / "reppo_jax" / "PendulumSwingup").exists()
+    # a relative --results-dir is taken from the caller's folder (Brax jobs run from the root)
+    cmd[cmd.index(str(tree))] = tree.name
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tree.parent, timeout=60, check=True).stdout
+    line = next(x for x in out.splitlines() if "would run brax_ppo/PendulumSwingup/seed2" in x)
+    assert f"--out {tree / 'brax_ppo' / 'PendulumSwingup' / 'seed2.csv'}" in line
 
 
 def test_brax_schedule_fits_budget():

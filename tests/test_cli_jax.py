@@ -121,6 +121,12 @@ def test_ctrl_c_in_the_last_chunk_still_saves_a_checkpoint(tmp_path, monkeypatch
         assert json.loads(str(data["meta"]))["global_step"] == 2 * BATCH
 
 
+def test_resuming_a_finished_run_asks_for_more_steps(full_run, capsys):
+    assert rj.main(["--resume", os.path.join(full_run, "checkpoint.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "leaves no iteration to run; give a larger --total-timesteps" in err and "Traceback" not in err
+
+
 def test_flags_a_checkpoint_overrides_are_named(full_run, capsys):
     checkpoint = os.path.join(full_run, "checkpoint.npz")
     argv = ["--resume", checkpoint, "--total-timesteps", "999999", "--log-interval", "5", "--no-track", "--no-progress"]

@@ -91,6 +91,12 @@ def test_eval_only_evaluates_the_checkpoint(full_run, capsys):
     assert "over 3 episodes" in capsys.readouterr().out
 
 
+def test_resuming_a_finished_run_asks_for_more_steps(full_run, capsys):
+    assert rt.main(["--resume", os.path.join(full_run, "checkpoint.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "leaves no iteration to run; give a larger --total-timesteps" in err and "Traceback" not in err
+
+
 def test_flags_a_checkpoint_overrides_are_named(full_run, capsys):
     checkpoint = os.path.join(full_run, "checkpoint.pt")
     argv = ["--resume", checkpoint, "--total-timesteps", "999999", "--log-interval", "5", "--no-track", "--no-progress"]
