@@ -47,6 +47,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, NamedTuple
@@ -1134,7 +1135,9 @@ class MetricsLogger:
                 writer.writerow({"global_step": global_step, **row})
         if self.wandb is not None:
             keys = [k for k in rows[0] if k != "seed"]
-            summary = {k: float(np.nanmean([row.get(k, np.nan) for row in rows])) for k in keys}
+            with warnings.catch_warnings():  # a column all NaN (no seed ended an episode yet) stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                summary = {k: float(np.nanmean([row.get(k, np.nan) for row in rows])) for k in keys}
             if len(rows) > 1:
                 summary.update({f"eval/episodic_return_seed{r['seed']}": r["eval/episodic_return"] for r in rows})
             self.wandb.log(summary, step=global_step)

@@ -1700,9 +1700,7 @@ class MetricsLogger:
             for row in rows:
                 writer.writerow({"global_step": global_step, **row})
         if self.wandb is not None:
-            keys = [k for k in rows[0] if k != "seed"]
-            summary = {k: float(np.nanmean([row.get(k, np.nan) for row in rows])) for k in keys}
-            self.wandb.log(summary, step=global_step)
+            self.wandb.log({k: float(v) for k, v in rows[0].items() if k != "seed"}, step=global_step)
 
     def progress(self, global_step: int, sps: float, eval_return: float, success: float | None = None) -> None:
         if self.bar is not None:

@@ -1,5 +1,6 @@
 """The command line of reppo_jax.py: tiny real runs, checkpoints, resume and bad input."""
 
+import glob
 import json
 import os
 import signal
@@ -119,6 +120,18 @@ def test_ctrl_c_in_the_last_chunk_still_saves_a_checkpoint(tmp_path, monkeypatch
     assert "interrupted: saved" in capsys.readouterr().err
     with np.load(os.path.join(only_run(tmp_path), "checkpoint.npz")) as data:
         assert json.loads(str(data["meta"]))["global_step"] == 2 * BATCH
+
+
+def test_track_logs_a_wandb_run_offline(tmp_path):
+    """--track: wandb.init with the run's config, a log per log point and finish() go through
+    (offline: written beside the run, to sync later; nothing is sent)."""
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path)]
+    argv += ["--track", "--wandb-mode", "offline"]
+    assert rj.main(argv) == 0
+    run_dir = only_run(tmp_path)
+    (record,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    assert os.path.getsize(record) > 0 and os.path.basename(run_dir) in record  # the run's name is its wandb id
+    assert [int(r["global_step"]) for r in read_metrics(run_dir)] == [0, 2 * BATCH]
 
 
 def test_resuming_a_finished_run_asks_for_more_steps(full_run, capsys):

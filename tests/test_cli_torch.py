@@ -91,6 +91,18 @@ def test_eval_only_evaluates_the_checkpoint(full_run, capsys):
     assert "over 3 episodes" in capsys.readouterr().out
 
 
+def test_track_logs_a_wandb_run_offline(tmp_path):
+    """--track: wandb.init with the run's config, a log per log point and finish() go through
+    (offline: written beside the run, to sync later; nothing is sent)."""
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path)]
+    argv += ["--track", "--wandb-mode", "offline"]
+    assert rt.main(argv) == 0
+    run_dir = only_run(tmp_path)
+    (record,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    assert os.path.getsize(record) > 0 and os.path.basename(run_dir) in record  # the run's name is its wandb id
+    assert [int(r["global_step"]) for r in read_metrics(run_dir)] == [0, 2 * BATCH]
+
+
 def test_resuming_a_finished_run_asks_for_more_steps(full_run, capsys):
     assert rt.main(["--resume", os.path.join(full_run, "checkpoint.pt")]) == 2
     err = capsys.readouterr().err
