@@ -739,6 +739,36 @@ def actor_loss(
 # ======================================================================================
 
 
+def bootstrap(
+    actor: Actor,
+    critic: Critic,
+    alpha: jax.Array,
+    normalizer: NormalizerState,
+    final_obs: jax.Array,
+    reward: jax.Array,
+    terminated: jax.Array,
+    noise: jax.Array,
+    gamma: float,
+    vmin: float,
+    vmax: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What one step leaves for the targets (SPEC 6): the value of the TRUE next state s'
+    under the current policy, v' = mean_k Q(s', a'_k) with K fresh actions a'_k ~ pi(.|s')
+    (``noise`` (K, N, A)), the soft reward
+    r~ = r - (1 - terminated) * gamma * alpha * mean_k log pi(a'_k|s')
+    and the critic's features z' of (s', a'_1), the aux head's target.
+    Returns (soft_reward (N,), next_value (N,), next_features (N, hidden))."""
+    next_obs = normalize(normalizer, final_obs)  # (N, O)
+    next_mean, next_std = actor(next_obs)
+    next_action, next_log_prob = sample_tanh_normal(next_mean, next_std, noise)  # (K, N, A), (K, N)
+    next_logits, next_features = critic(jnp.broadcast_to(next_obs, (noise.shape[0],) + next_obs.shape), next_action)
+    next_value = q_value(next_logits, vmin, vmax).mean(axis=0)  # (N,)
+    # IMPLEMENTATION DETAIL 6: no entropy bonus after a terminal state.
+    not_terminal = 1.0 - terminated
+    soft_reward = reward - not_terminal * gamma * alpha * next_log_prob.mean(axis=0)
+    return soft_reward, next_value, next_features[0]
+
+
 class TrainState(NamedTuple):
     """Everything one seed's training carries from iteration to iteration."""
 
@@ -831,18 +861,19 @@ def make_agent(args: Args, env) -> Agent:
             action = jnp.clip(action, -ACTION_CLIP, ACTION_CLIP)  # (N, A)
             env_state, step = train_env.step(env_state, action, key_reset)
             # Value of the TRUE next state under the current policy: K fresh actions a'.
-            next_obs = normalize(state.normalizer, step.final_obs)  # (N, O)
-            next_mean, next_std = actor(next_obs)
-            noise_shape = (args.num_value_samples,) + next_mean.shape
-            next_action, next_log_prob = sample_tanh_normal(
-                next_mean, next_std, jax.random.normal(key_next, noise_shape)
-            )  # (K, N, A), (K, N)
-            next_obs_k = jnp.broadcast_to(next_obs, (args.num_value_samples,) + next_obs.shape)
-            next_logits, next_features = critic(next_obs_k, next_action)
-            next_value = q_value(next_logits, vmin, vmax).mean(axis=0)  # (N,)
-            # IMPLEMENTATION DETAIL 6: no entropy bonus after a terminal state.
-            not_terminal = 1.0 - step.terminated
-            soft_reward = step.reward - not_terminal * args.gamma * alpha * next_log_prob.mean(axis=0)
+            soft_reward, next_value, next_features = bootstrap(
+                actor,
+                critic,
+                alpha,
+                state.normalizer,
+                step.final_obs,
+                step.reward,
+                step.terminated,
+                jax.random.normal(key_next, (args.num_value_samples,) + mean.shape),
+                args.gamma,
+                vmin,
+                vmax,
+            )
             transition = Rollout(
                 obs=obs,
                 raw_obs=raw_obs,
@@ -850,7 +881,7 @@ def make_agent(args: Args, env) -> Agent:
                 reward=step.reward,
                 soft_reward=soft_reward,
                 next_value=next_value,
-                next_features=next_features[0],
+                next_features=next_features,
                 terminated=step.terminated.astype(jnp.float32),
                 truncated=step.truncated.astype(jnp.float32),
                 episode_done=step.episode_done,

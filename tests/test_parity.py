@@ -1,6 +1,7 @@
 """Parity of reppo_torch.py with reppo_jax.py: one set of weights copied into both files'
 networks, the same batch and the same random samples -> the same outputs, losses, metric
-values and gradients of one update step (float32 tolerance)."""
+values and gradients of one update step, and the same targets from a collection step
+(float32 tolerance)."""
 
 import jax
 import jax.numpy as jnp
@@ -238,6 +239,26 @@ def test_actor_alpha_beta_losses_and_gradients_agree(nets):
     compare_grads(grads[0], torch_actor, torch_grads[:-2])
     close(torch_grads[-2], grads[1], rtol=1e-5, atol=1e-6)  # d/d log_alpha (the alpha loss)
     close(torch_grads[-1], grads[2], rtol=1e-5, atol=1e-6)  # d/d log_beta (the beta loss)
+
+
+def test_bootstrap_agrees(nets):
+    """What a collection step leaves for the targets: v' over K = 3 fresh actions of the true
+    next state, the soft reward (no entropy term after a terminal step) and z', under a
+    non-trivial observation normaliser."""
+    jax_actor, jax_critic, torch_actor, torch_critic, batch = nets
+    rng = np.random.default_rng(5)
+    seen = rng.normal(loc=0.5, scale=2.0, size=(40, OBS)).astype(np.float32)
+    jax_norm = rj.normalizer_update(rj.normalizer_init(OBS), jnp.asarray(seen))
+    torch_norm = rt.NormalizerState(*(t(np.asarray(x)) for x in jax_norm))
+    noise = rng.normal(size=(3, B, ACT)).astype(np.float32)
+    inputs = [batch["obs"], batch["reward"], batch["terminated"], noise]
+    want = rj.bootstrap(jax_actor, jax_critic, jnp.float32(0.05), jax_norm, *map(jnp.asarray, inputs), 0.99, VMIN, VMAX)
+    with torch.no_grad():
+        got = rt.bootstrap(torch_actor, torch_critic, torch.tensor(0.05), torch_norm, *map(t, inputs), 0.99, VMIN, VMAX)
+    for torch_value, jax_value in zip(got, want):
+        close(torch_value, jax_value, rtol=1e-5, atol=1e-5)
+    soft_reward = np.asarray(want[0])
+    assert np.array_equal(soft_reward == batch["reward"], batch["terminated"] == 1)  # the entropy term is there
 
 
 def test_one_clipped_adam_step_agrees(nets):
