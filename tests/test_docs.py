@@ -12,6 +12,7 @@ import shlex
 import sys
 
 import pytest
+import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLEMENTATIONS = ["reppo_jax.py", "reppo_torch.py"]
@@ -130,7 +131,8 @@ def test_each_detail_item_links_its_own_tag_in_each_file():
 
 
 def shown_commands() -> list[tuple[str, str, list[str]]]:
-    """(where, file, argv) of every `python reppo_x.py ...` line inside a fenced code block."""
+    """(where, file, argv) of every `python reppo_x.py ...` or `python benchmarks/x.py ...` line
+    inside a fenced code block."""
     commands = []
     for doc in sync_links.doc_files(ROOT):
         in_block = False
@@ -149,7 +151,8 @@ def shown_commands() -> list[tuple[str, str, list[str]]]:
             tokens = shlex.split(line.removeprefix("$ "), comments=True)
             while tokens and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", tokens[0]):  # VAR=value prefixes
                 tokens = tokens[1:]
-            if len(tokens) >= 2 and tokens[0] in ("python", "python3") and re.fullmatch(r"reppo_\w+\.py", tokens[1]):
+            script = r"(reppo_\w+|benchmarks/\w+)\.py"
+            if len(tokens) >= 2 and tokens[0] in ("python", "python3") and re.fullmatch(script, tokens[1]):
                 commands.append((f"{doc}:{number}", tokens[1], tokens[2:]))
     return commands
 
@@ -165,12 +168,16 @@ def test_docs_show_commands():
 def test_shown_command_parses(where, file, argv, capsys):
     if not os.path.isfile(os.path.join(ROOT, file)):
         pytest.skip(f"{file} does not exist yet")
+    benchmarks = os.path.join(ROOT, "benchmarks")
+    if file.startswith("benchmarks/") and benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)  # the scripts import each other
     try:
-        module = importlib.import_module(file.removesuffix(".py"))
+        module = importlib.import_module(os.path.basename(file).removesuffix(".py"))
     except ImportError as error:  # e.g. torch not installed
         pytest.skip(f"cannot import {file}: {error}")
     try:
-        module.parse_args(argv)  # tyro parsing only: nothing is built or run
+        # tyro parsing only: nothing is built or run
+        module.parse_args(argv) if hasattr(module, "parse_args") else tyro.cli(module.Options, args=argv)
     except SystemExit as exit_:
         output = capsys.readouterr()
         assert exit_.code == 0, f"{where}: `python {file} {shlex.join(argv)}` does not parse:\n{output.err[-2000:]}"
