@@ -177,7 +177,10 @@ def test_shown_command_parses(where, file, argv, capsys):
         pytest.skip(f"cannot import {file}: {error}")
     try:
         # tyro parsing only: nothing is built or run
-        module.parse_args(argv) if hasattr(module, "parse_args") else tyro.cli(module.Options, args=argv)
+        if hasattr(module, "parse_args"):  # reppo_*.py
+            module.parse_args(argv)
+        else:  # benchmarks/*.py: their Options dataclass
+            tyro.cli(module.Options, args=argv)
     except SystemExit as exit_:
         output = capsys.readouterr()
         assert exit_.code == 0, f"{where}: `python {file} {shlex.join(argv)}` does not parse:\n{output.err[-2000:]}"
