@@ -44,6 +44,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import signal
 import sys
 import time
@@ -1297,15 +1298,25 @@ def make_run_dir(args: Args) -> tuple[str, str]:
     return run_name, run_dir
 
 
-def write_args(args: Args, run_dir: str) -> None:
+def write_args(args: Args, run_dir: str, argv: list[str]) -> None:
+    """args.json: the resolved arguments, versions, devices and the command line. A resumed
+    run keeps the command that started it and lists the ones that resumed it."""
+    path = os.path.join(run_dir, "args.json")
+    command = "python " + shlex.join([os.path.basename(__file__), *argv])
     record = {
         "args": dataclasses.asdict(args),
         "versions": library_versions(),
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
-        "command": " ".join(sys.argv),
+        "command": command,
+        "resumed_by": [],
     }
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
+    if args.resume is not None and os.path.exists(path):
+        with open(path) as f:
+            started = json.load(f)
+        record["command"] = started.get("command", command)
+        record["resumed_by"] = started.get("resumed_by", []) + [command]
+    with open(path, "w") as f:
         json.dump(record, f, indent=2)
 
 
@@ -1351,8 +1362,9 @@ def run_eval_only(args: Args) -> None:
         )
 
 
-def train(args: Args) -> str:
-    """Train (or resume) a run; returns the run folder."""
+def train(args: Args, argv: list[str]) -> str:
+    """Train (or resume) a run; returns the run folder. ``argv``: the command line, recorded
+    in args.json."""
     start_step = 0
     if args.resume is not None:  # continue in the checkpoint's own run folder
         start_step = read_checkpoint_meta(args.resume)["global_step"]
@@ -1365,7 +1377,7 @@ def train(args: Args) -> str:
         run_name = os.path.basename(run_dir)
     else:
         run_name, run_dir = make_run_dir(args)
-    write_args(args, run_dir)
+    write_args(args, run_dir, argv)
 
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
@@ -1515,7 +1527,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_only:
             run_eval_only(args)
         else:
-            train(args)
+            train(args, argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

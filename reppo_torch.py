@@ -50,6 +50,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import signal
 import sys
 import time
@@ -1742,16 +1743,26 @@ def make_run_dir(args: Args) -> tuple[str, str]:
     return run_name, run_dir
 
 
-def write_args(args: Args, run_dir: str, device: torch.device) -> None:
+def write_args(args: Args, run_dir: str, device: torch.device, argv: list[str]) -> None:
+    """args.json: the resolved arguments, versions, devices and the command line. A resumed
+    run keeps the command that started it and lists the ones that resumed it."""
+    path = os.path.join(run_dir, "args.json")
+    command = "python " + shlex.join([os.path.basename(__file__), *argv])
     record = {
         "args": dataclasses.asdict(args),
         "versions": library_versions(),
         "torch_device": str(device),
         "torch_threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        "command": " ".join(sys.argv),
+        "command": command,
+        "resumed_by": [],
     }
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
+    if args.resume is not None and os.path.exists(path):
+        with open(path) as f:
+            started = json.load(f)
+        record["command"] = started.get("command", command)
+        record["resumed_by"] = started.get("resumed_by", []) + [command]
+    with open(path, "w") as f:
         json.dump(record, f, indent=2)
 
 
@@ -1873,8 +1884,9 @@ def run_eval_only(args: Args) -> None:
     trainer.close()
 
 
-def train(args: Args) -> str:
-    """Train (or resume) one seed's run; returns the run folder."""
+def train(args: Args, argv: list[str]) -> str:
+    """Train (or resume) one seed's run; returns the run folder. ``argv``: the command line,
+    recorded in args.json."""
     start_step = 0
     payload = None
     if args.resume is not None:  # continue in the checkpoint's own run folder
@@ -1890,7 +1902,7 @@ def train(args: Args) -> str:
     else:
         run_name, run_dir = make_run_dir(args)
     device = torch_device(args)
-    write_args(args, run_dir, device)
+    write_args(args, run_dir, device, argv)
 
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
@@ -2028,10 +2040,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_only:
             run_eval_only(args)
         elif args.resume is not None:
-            train(args)
+            train(args, argv)
         else:
             for index in range(args.num_seeds):  # seeds one after another, one run folder each
-                train(dataclasses.replace(args, seed=args.seed + index))
+                train(dataclasses.replace(args, seed=args.seed + index), argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@
 import glob
 import json
 import os
+import shlex
 import shutil
 import signal
 
@@ -122,7 +123,12 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
     argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path), "--save-model", "--seed", "3"]
     assert rt.main(argv) == 0
     half = only_run(tmp_path)
-    assert rt.main(["--resume", os.path.join(half, "checkpoint.pt"), "--total-timesteps", str(4 * BATCH)]) == 0
+    resume = ["--resume", os.path.join(half, "checkpoint.pt"), "--total-timesteps", str(4 * BATCH)]
+    assert rt.main(resume) == 0
+    with open(os.path.join(half, "args.json")) as f:  # main(argv)'s own argv, not pytest's
+        record = json.load(f)
+    assert record["command"] == "python " + shlex.join(["reppo_torch.py", *argv])
+    assert record["resumed_by"] == ["python " + shlex.join(["reppo_torch.py", *resume])]
     resumed, unbroken = read_metrics(half), read_metrics(full_run)
     assert [r["global_step"] for r in resumed] == [r["global_step"] for r in unbroken]
     for a, b in zip(resumed, unbroken):
