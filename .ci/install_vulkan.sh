@@ -8,7 +8,7 @@
 #      machine's existing apt entry for <codename> -- no mirror host is hard-coded;
 #   3. apt-get update + install mesa-vulkan-drivers, libvulkan1 (and vulkan-tools)
 #      from backports.
-# Idempotent, non-interactive, must run as root.
+# Idempotent, non-interactive; installing must run as root (the early exit need not).
 #
 # Env knobs: FORCE=1 (skip the early exit), INSTALL_VULKAN_TOOLS=0 (skip vulkaninfo),
 #            MIN_MESA=24.3 (minimum mesa-vulkan-drivers version).
@@ -21,13 +21,6 @@ INSTALL_VULKAN_TOOLS="${INSTALL_VULKAN_TOOLS:-1}"
 
 log() { echo "[install_vulkan] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
-
-[ "$(id -u)" -eq 0 ] || die "must run as root"
-command -v apt-get >/dev/null || die "apt-get not found (Debian/Ubuntu only)"
-
-CODENAME="${CODENAME:-$(. /etc/os-release && echo "${VERSION_CODENAME:-}")}"
-[ -n "$CODENAME" ] || die "cannot determine the distribution codename from /etc/os-release"
-BACKPORTS="${CODENAME}-backports"
 
 lavapipe_ok() {
     # A lavapipe ICD json must exist and mesa-vulkan-drivers must be >= MIN_MESA.
@@ -46,6 +39,14 @@ if [ "$FORCE" != 1 ] && lavapipe_ok; then
     log "nothing to do"
     exit 0
 fi
+
+# Installing needs root (checked only now: a machine that has the driver needs nothing).
+[ "$(id -u)" -eq 0 ] || die "must run as root to install (sudo bash $0)"
+command -v apt-get >/dev/null || die "apt-get not found (Debian/Ubuntu only)"
+
+CODENAME="${CODENAME:-$(. /etc/os-release && echo "${VERSION_CODENAME:-}")}"
+[ -n "$CODENAME" ] || die "cannot determine the distribution codename from /etc/os-release"
+BACKPORTS="${CODENAME}-backports"
 
 # ---- 1. enable backports from the existing apt source entry -----------------
 active_sources() {

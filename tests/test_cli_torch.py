@@ -56,11 +56,38 @@ def test_same_args_fields_as_the_jax_file():
     assert torch_fields - jax_fields == speed_switches | {"control_mode"}
 
 
+# SPEC section 11, the paper's DM Control setting: what both files must default to.
+SPEC_DEFAULTS = {
+    "num_envs": 1024, "num_steps": 32, "num_mini_batches": 16, "num_epochs": 8, "total_timesteps": 50_000_000,
+    "actor_hidden": 512, "critic_hidden": 512, "min_std": 0.1, "lmbda": 0.95, "kl_bound": 0.1, "kl_start": 0.01,
+    "ent_start": 0.01, "ent_target_mult": 0.5, "learning_rate": 3e-4, "max_grad_norm": 0.5, "num_bins": 151,
+    "aux_coef": 1.0, "num_value_samples": 1,
+}  # fmt: skip
+
+
+def test_same_defaults_as_the_jax_file_and_the_spec():
+    import dataclasses
+
+    import reppo_jax as rj
+
+    torch_defaults = dataclasses.asdict(rt.Args())
+    jax_defaults = dataclasses.asdict(rj.Args())
+    differ = {name for name in jax_defaults if jax_defaults[name] != torch_defaults[name]}
+    assert differ == {"exp_name"}  # "reppo_jax" and "reppo_torch": the run folders' names
+    assert {name: jax_defaults[name] for name in SPEC_DEFAULTS} == SPEC_DEFAULTS
+    assert rt.PRESETS == rj.PRESETS and rt.DM_CONTROL_DEFAULTS == rj.DM_CONTROL_DEFAULTS
+    assert rj.DM_CONTROL_DEFAULTS == {"vmin": 0.0, "vmax": 150.0, "gamma": 0.99, "episode_length": 1000}
+    assert rt.MANISKILL_DEFAULTS == {"vmin": -15.0, "vmax": 15.0}
+    for name in ["LOG_PROB_CLIP", "KL_SAMPLE_CLIP", "ACTION_CLIP", "NORMALIZER_EPS", "RMS_NORM_EPS"]:
+        assert getattr(rt, name) == getattr(rj, name), name
+
+
 def test_tiny_run_writes_args_metrics_and_checkpoint(full_run):
     with open(os.path.join(full_run, "args.json")) as f:
         record = json.load(f)
     assert record["args"]["env_id"] == "CartpoleBalance" and record["args"]["vmax"] == 150.0
-    assert record["torch_device"] == "cpu" and record["versions"]["torch"] != "not installed"
+    assert record["torch_device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+    assert record["versions"]["torch"] != "not installed"
     rows = read_metrics(full_run)
     assert [int(r["global_step"]) for r in rows] == [0, 2 * BATCH, 4 * BATCH]
     for column in ["seed", "eval/episodic_return", "charts/SPS", "losses/critic_loss", "losses/actor_loss",
@@ -192,13 +219,17 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
 
 
 def test_a_checkpoint_from_another_kind_of_device_resumes_with_a_fresh_random_stream(full_run, tmp_path, capsys):
-    """A CUDA generator's state (16 bytes) cannot go on in a CPU generator (or back): a run
-    saved on a GPU resumes on a CPU with a fresh stream and a note, not a traceback."""
+    """A CUDA generator's state (16 bytes) cannot go on in a CPU generator (5,056 bytes) or
+    back: a run saved on a GPU resumes on a CPU with a fresh stream and a note, not a
+    traceback (and the other way round where this test runs on a CUDA device)."""
     run_dir = str(tmp_path / "run")
     shutil.copytree(full_run, run_dir)
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
     payload = torch.load(checkpoint, weights_only=True)
-    payload["trainer"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator saves
+    if torch.cuda.is_available():  # the run is on CUDA (--device auto): a CPU generator's state
+        payload["trainer"]["generator"] = torch.Generator().get_state()
+    else:  # what a CUDA generator saves
+        payload["trainer"]["generator"] = torch.zeros(16, dtype=torch.uint8)
     torch.save(payload, checkpoint)
     assert rt.main(["--resume", checkpoint, "--total-timesteps", str(6 * BATCH)]) == 0
     assert "training goes on with a fresh random stream" in capsys.readouterr().err

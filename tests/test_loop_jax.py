@@ -8,6 +8,7 @@ ordered host callbacks; the twin of tests/test_loop_torch.py."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -58,3 +59,95 @@ def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypa
     for epoch in per_epoch[1:]:
         assert not np.array_equal(epoch, per_epoch[0])  # another order...
         np.testing.assert_array_equal(np.sort(epoch), np.sort(per_epoch[0]))  # ...same values
+
+
+class CountdownEnv:
+    """A tiny pure-JAX env: the observation is (counter, action); the counter starts at 2 or
+    4 and falls by one per step; the episode terminates (a real terminal state) at 0. With
+    episode_length 3, episodes from 2 terminate and episodes from 4 are truncated."""
+
+    observation_size = 2
+    action_size = 1
+
+    def reset(self, key):
+        counter = 2.0 + 2.0 * jax.random.bernoulli(key).astype(jnp.float32)
+        return countdown_state(counter, 0.0)
+
+    def step(self, state, action):
+        counter = state.obs[0] - 1.0
+        return countdown_state(counter, action[0], reward=1.0 + action[0], done=(counter <= 0).astype(jnp.float32))
+
+
+def countdown_state(counter, action, reward=0.0, done=0.0):
+    from mujoco_playground._src.mjx_env import State
+
+    obs = jnp.stack([counter, action]).astype(jnp.float32)
+    return State(data=jnp.zeros(()), obs=obs, reward=jnp.float32(reward), done=jnp.float32(done), metrics={}, info={})
+
+
+def sorted_rows(x: np.ndarray) -> np.ndarray:
+    """The rows of a (B, O) array in lexicographic order (a batch's content, whatever its order)."""
+    return x[np.lexsort(x.T[::-1])]
+
+
+def test_collection_bootstraps_from_the_true_final_observation_and_keeps_its_normalisation(monkeypatch):
+    """The wiring around the math (SPEC sections 3 and 6), on a countdown env where the state
+    an episode ends in (final_obs) differs from the next episode's first one (next_obs) and
+    both kinds of episode end occur: each step's bootstrap gets final_obs, its reward and
+    terminated flag; the lambda-returns get terminated and truncated each in its place; the
+    learner sees the observations normalised with the statistics of the collection, not the
+    ones updated after it. The twin of the test of the same name in tests/test_loop_torch.py."""
+    args = rj.resolve_args(rj.parse_args(["--env-id", "CartpoleBalance", "--preset", "cpu"]))
+    args = dataclasses.replace(args, num_envs=4, num_steps=8, num_mini_batches=2, num_epochs=1)
+    args = dataclasses.replace(args, actor_hidden=32, critic_hidden=32, episode_length=3)
+    env = CountdownEnv()
+    state = jax.jit(rj.make_agent(args, env).init)(jax.random.PRNGKey(0))
+    state, _ = jax.jit(rj.make_agent(args, env).train_chunk, static_argnums=1)(state, 1)  # a moved normaliser
+
+    steps, bootstraps, returns_inputs, critic_obs = [], [], [], []
+    real_step, real_bootstrap, real_returns = rj.AutoResetEnv.step, rj.bootstrap, rj.soft_lambda_returns
+    real_critic_loss = rj.critic_loss
+
+    def record(store):
+        return lambda *xs: store.append([np.asarray(x) for x in xs])
+
+    def recording_step(self, env_state, action, key, auto_reset=True):
+        env_state, result = real_step(self, env_state, action, key, auto_reset)
+        fields = (result.final_obs, result.next_obs, result.reward, result.terminated, result.truncated)
+        jax.debug.callback(record(steps), *fields, ordered=True)
+        return env_state, result
+
+    def recording_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, *rest):
+        jax.debug.callback(record(bootstraps), final_obs, reward, terminated, ordered=True)
+        return real_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, *rest)
+
+    def recording_returns(soft_reward, next_value, terminated, truncated, *rest):
+        jax.debug.callback(record(returns_inputs), terminated, truncated, ordered=True)
+        return real_returns(soft_reward, next_value, terminated, truncated, *rest)
+
+    def recording_critic_loss(critic, obs, *rest):
+        jax.debug.callback(lambda x: critic_obs.append(np.asarray(x)), obs, ordered=True)
+        return real_critic_loss(critic, obs, *rest)
+
+    monkeypatch.setattr(rj.AutoResetEnv, "step", recording_step)
+    monkeypatch.setattr(rj, "bootstrap", recording_bootstrap)
+    monkeypatch.setattr(rj, "soft_lambda_returns", recording_returns)
+    monkeypatch.setattr(rj, "critic_loss", recording_critic_loss)
+    new_state, _ = jax.jit(rj.make_agent(args, env).train_chunk, static_argnums=1)(state, 1)
+    jax.effects_barrier()
+
+    assert len(steps) == len(bootstraps) == args.num_steps and len(returns_inputs) == 1
+    assert any(not np.array_equal(final_obs, next_obs) for final_obs, next_obs, *_ in steps)
+    for (final_obs, _, reward, terminated, _), bootstrapped in zip(steps, bootstraps):
+        for expected, got in zip((final_obs, reward, terminated), bootstrapped):
+            np.testing.assert_array_equal(got, expected)
+    terminated, truncated = returns_inputs[0]
+    assert terminated.sum() > 0 and truncated.sum() > 0  # both kinds of episode end occur
+    np.testing.assert_array_equal(terminated, np.stack([s[3] for s in steps]))
+    np.testing.assert_array_equal(truncated, np.stack([s[4] for s in steps]))
+    # s_t: the first observation, then each step's next_obs; normalised as during collection.
+    raw_obs = np.concatenate([np.asarray(state.env.obs)] + [s[1] for s in steps[:-1]])  # (T N, O), t-major
+    collected = np.asarray(rj.normalize(state.normalizer, raw_obs))
+    assert not np.allclose(collected, rj.normalize(new_state.normalizer, raw_obs))
+    first_epoch = np.concatenate(critic_obs[: args.num_mini_batches])
+    np.testing.assert_allclose(sorted_rows(first_epoch), sorted_rows(collected), rtol=1e-6, atol=1e-6)
