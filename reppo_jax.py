@@ -187,7 +187,8 @@ DM_CONTROL_DEFAULTS = {"vmin": 0.0, "vmax": 150.0, "gamma": 0.99, "episode_lengt
 
 
 class UserError(Exception):
-    """Bad input from the command line: printed as one clear message, exit code 2."""
+    """Bad input (flags, a checkpoint, a task that does not load) or a run that cannot go on
+    (non-finite losses): printed as one clear message, exit code 2, no traceback."""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -228,7 +229,12 @@ def resolve_args(args: Args) -> Args:
             f"(num_envs * num_steps = {batch_size})"
         )
     if not args.vmin < args.vmax or args.num_bins < 2:
-        raise UserError(f"need vmin < vmax and num_bins >= 2, got {args.vmin}, {args.vmax}, {args.num_bins}")
+        raise UserError(
+            f"need --vmin < --vmax and --num-bins >= 2, got --vmin {args.vmin}, --vmax {args.vmax}, "
+            f"--num-bins {args.num_bins}"
+        )
+    if not -(2**31) <= args.seed <= 2**31 - args.num_seeds:  # JAX's int32 seeds
+        raise UserError(f"--seed must be in [-2**31, 2**31 - num_seeds], got {args.seed}")
     if not 0.0 < args.gamma <= 1.0:
         raise UserError(f"--gamma must be in (0, 1], got {args.gamma}")
     if not 0.0 <= args.lmbda <= 1.0:
@@ -295,7 +301,7 @@ class EnvState(NamedTuple):
 class StepResult(NamedTuple):
     """What one vectorised step hands back (all shaped (N, ...))."""
 
-    next_obs: jax.Array  # first obs of the next episode where one ended, else = final_obs
+    next_obs: jax.Array  # what the policy sees next: a new episode's first obs where one ended and was reset
     final_obs: jax.Array  # the TRUE observation after this action, even where one ended
     reward: jax.Array
     terminated: jax.Array  # a real terminal state: no bootstrap
@@ -432,7 +438,7 @@ def _where_env(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
 # ======================================================================================
 
 # IMPLEMENTATION DETAIL 7: an action given to tanh_normal_log_prob is clipped to +-(1 - 1e-6)
-# so that atanh stays finite (tanh(u) rounds to exactly 1 in float32 for |u| > ~9). Sampled
+# so that atanh stays finite (in float32 tanh(u) rounds to exactly 1 from |u| ~= 8 in XLA, ~= 9 in PyTorch). Sampled
 # actions (sample_tanh_normal) keep their pre-tanh value u and need no clip.
 LOG_PROB_CLIP = 1.0 - 1e-6
 # The KL estimate clips its samples harder, to +-(1 - 1e-4) (SPEC section 8).
@@ -481,9 +487,10 @@ def tanh_normal_log_prob(action: jax.Array, mean: jax.Array, std: jax.Array) -> 
 def sample_tanh_normal(mean: jax.Array, std: jax.Array, noise: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Reparameterised sample a = tanh(mean + std * noise) and its log-probability.
 
-    The log-probability is computed from the pre-tanh value u: the same number as
-    ``tanh_normal_log_prob(a, ...)`` while |u| < atanh(1 - 1e-6) ~= 7.25, and still exact
-    beyond, where a is too close to +-1 for the clipped atanh to recover u.
+    The log-probability is computed from the pre-tanh value u: in exact arithmetic the
+    same number as ``tanh_normal_log_prob(a, ...)`` while |u| < atanh(1 - 1e-6) ~= 7.25, but
+    in float32 atanh(tanh(u)) loses u as a nears +-1 (log-probs apart by 4e-3 at u = 5 and
+    0.1 at u = 6 for std 0.5; beyond the clip the atanh path is capped), while u is exact.
     """
     pre_tanh = mean + std * noise
     return jnp.tanh(pre_tanh), tanh_normal_log_prob_from_pre_tanh(pre_tanh, mean, std)
@@ -1082,8 +1089,9 @@ def library_versions() -> dict[str, str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def save_checkpoint(path: str, state: TrainState, args: Args, global_step: int) -> None:
@@ -1099,6 +1107,8 @@ def save_checkpoint(path: str, state: TrainState, args: Args, global_step: int) 
 
 
 def read_checkpoint_meta(path: str) -> dict:
+    if os.path.isdir(path):
+        raise UserError(f"'{path}' is a folder; give the checkpoint file, e.g. {os.path.join(path, CHECKPOINT_NAME)}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
@@ -1125,12 +1135,15 @@ def load_checkpoint(path: str, template: TrainState) -> TrainState:
 class MetricsLogger:
     """metrics.csv (always), wandb (with --track) and a tqdm progress bar on stderr."""
 
-    def __init__(self, args: Args, run_dir: str, run_name: str, start_step: int, metric_names: list[str]):
-        self.args = args
+    def __init__(
+        self, args: Args, run_dir: str, run_name: str, start_step: int, end_step: int, metric_names: list[str]
+    ):
         self.path = os.path.join(run_dir, "metrics.csv")
         self.columns = ["global_step", "seed"] + sorted(set(metric_names) - {"seed"})
         kept = []
-        if os.path.exists(self.path):  # a resumed run: drop the rows past the checkpoint
+        if os.path.exists(self.path) and start_step > 0:
+            # A resumed run: keep the rows up to the checkpoint, drop those past it. A run
+            # resumed from step 0 starts over (it evaluates step 0 again).
             with open(self.path, newline="") as f:
                 kept = [row for row in csv.DictReader(f) if int(row["global_step"]) <= start_step]
         with open(self.path, "w", newline="") as f:
@@ -1155,14 +1168,14 @@ class MetricsLogger:
         if args.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(
-                total=args.total_timesteps, initial=start_step, unit="step", unit_scale=True, file=sys.stderr
-            )
+            # end_step: whole iterations only, so up to one batch short of --total-timesteps.
+            self.bar = tqdm(total=end_step, initial=start_step, unit="step", unit_scale=True, file=sys.stderr)
 
     def log(self, global_step: int, rows: list[dict[str, float]]) -> None:
         """One row per seed; wandb gets the mean over seeds (and each seed's eval return)."""
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            # A key that is no column is a bug (a metric added without its column): fail loudly.
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="raise")
             for row in rows:
                 writer.writerow({"global_step": global_step, **row})
         if self.wandb is not None:
@@ -1206,6 +1219,12 @@ def first_nonfinite(metrics: dict[str, np.ndarray]) -> tuple[list[str], int] | N
     return names, index
 
 
+def parameters_finite(state: TrainState) -> bool:
+    """Whether every network parameter, log alpha and log beta is finite (all seeds)."""
+    leaves = jax.tree.leaves((state.actor, state.critic, state.log_alpha, state.log_beta))
+    return all(bool(jnp.isfinite(leaf).all()) for leaf in leaves)
+
+
 # ======================================================================================
 # 8. main
 # ======================================================================================
@@ -1235,7 +1254,7 @@ class Runner:
         env = make_env(args.env_id, args.impl, args.episode_length)
         self.agent = make_agent(args, env)
         self.seed_keys = jax.vmap(jax.random.PRNGKey)(args.seed + jnp.arange(args.num_seeds))
-        self._chunks: dict[int, Any] = {}
+        self._chunks: dict[int | str, Any] = {}  # chunk length -> compiled chunk; "evaluate"
         self.compile_seconds = 0.0
 
     def init(self) -> TrainState:
@@ -1365,10 +1384,12 @@ def run_eval_only(args: Args) -> None:
 def train(args: Args, argv: list[str]) -> str:
     """Train (or resume) a run; returns the run folder. ``argv``: the command line, recorded
     in args.json."""
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
     start_step = 0
     if args.resume is not None:  # continue in the checkpoint's own run folder
         start_step = read_checkpoint_meta(args.resume)["global_step"]
-        if start_step + args.num_envs * args.num_steps > args.total_timesteps:
+        if start_step + batch_size > args.total_timesteps:
             raise UserError(
                 f"the checkpoint is at step {start_step:,}: --total-timesteps {args.total_timesteps:,} leaves "
                 "no iteration to run; give a larger --total-timesteps"
@@ -1379,17 +1400,15 @@ def train(args: Args, argv: list[str]) -> str:
         run_name, run_dir = make_run_dir(args)
     write_args(args, run_dir, argv)
 
-    batch_size = args.num_envs * args.num_steps
-    num_iterations = args.total_timesteps // batch_size
     if jax.default_backend() == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
         # Measured with benchmarks/speed.py on a 2-core CPU (AMD EPYC): the paper setting on
         # CheetahRun (1024 envs x 32 steps, hidden 512) ran at 1,461-1,515 env-steps/s.
         hours = args.total_timesteps / 1_500 / 3600
         print(
-            f"No accelerator found (JAX backend: cpu). At this setting ({args.num_envs} envs, hidden "
-            f"{args.critic_hidden}) a 2-core CPU ran ~1,500 env-steps/s (the paper setting on CheetahRun), "
-            f"so {args.total_timesteps:,} steps would take about {hours:,.0f} hours there. "
-            "For a CPU, try --preset cpu.",
+            f"No accelerator found (JAX backend: cpu). The paper setting on CheetahRun (1024 envs, "
+            f"hidden 512) ran at ~1,500 env-steps/s on a 2-core CPU; at that speed {args.total_timesteps:,} "
+            f"steps would take about {hours:,.0f} hours, and this setting ({args.num_envs} envs, hidden "
+            f"{args.critic_hidden}) is no faster. For a CPU, try --preset cpu.",
             file=sys.stderr,
         )
 
@@ -1397,15 +1416,17 @@ def train(args: Args, argv: list[str]) -> str:
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
     state = load_checkpoint(args.resume, runner.abstract_state()) if args.resume else runner.init()
     iteration = int(np.asarray(state.iteration)[0])
-    first_chunk = max(chunk_length(iteration, num_iterations, args.log_interval), 1)
-    logger = MetricsLogger(args, run_dir, run_name, start_step, runner.metric_names(state, first_chunk))
+    first_chunk = chunk_length(iteration, num_iterations, args.log_interval)  # >= 1: checked above
+    end_step = num_iterations * batch_size
+    logger = MetricsLogger(args, run_dir, run_name, start_step, end_step, runner.metric_names(state, first_chunk))
     logger.write(f"run folder: {run_dir}")
 
     train_seconds = 0.0
     train_steps = 0
-    # Ctrl-C: the first one lets the running chunk finish (one jitted call: Python could not
-    # stop it anyway) and then saves a checkpoint of the last completed iteration, so that
-    # --resume continues exactly; a second Ctrl-C stops at once without saving.
+    # Ctrl-C: the first one lets the running chunk finish (one jitted call) and then saves a
+    # checkpoint of the last completed iteration, so that --resume continues exactly; a second
+    # Ctrl-C stops at once without saving (the process leaves without waiting for the chunk:
+    # see the end of this file).
     interrupted = install_interrupt_handler()
     try:
         if iteration == 0:  # the untrained policy, so curves start at step 0
@@ -1414,21 +1435,28 @@ def train(args: Args, argv: list[str]) -> str:
         runner.compile_evaluate(state)  # already done where step 0 was evaluated
         logger.write(f"compiled in {runner.compile_seconds:.1f} s (not counted in SPS)")
         while iteration < num_iterations:
+            stop_if_interrupted(interrupted)
             chunk = chunk_length(iteration, num_iterations, args.log_interval)
             runner.compile_chunk(state, chunk)  # a no-op once this chunk length is compiled
-            stop_if_interrupted(interrupted)
             start = time.perf_counter()
             new_state, metrics = runner.train_chunk(state, chunk)
             metrics = jax.device_get(metrics)
             train_seconds += time.perf_counter() - start
             train_steps += chunk * batch_size
             bad = first_nonfinite(metrics)
+            if bad is None and not parameters_finite(new_state):
+                # Finite losses, non-finite parameters: the chunk's last update made them so
+                # (after an earlier one the next iteration's losses would not be finite).
+                bad = (["parameters"], chunk - 1)
             if bad is not None:
                 names, index = bad
                 message = f"non-finite {', '.join(names)} at iteration {iteration + index + 1}; stopped"
                 if args.save_model or args.resume:
                     save_checkpoint(checkpoint_path, state, args, iteration * batch_size)
-                    message += f". The last finite state (iteration {iteration}) is in {checkpoint_path}"
+                    message += (
+                        f". The last finite state (iteration {iteration}) is in {checkpoint_path}, to inspect "
+                        "or --eval-only (--resume from it would repeat the same computation)"
+                    )
                 raise UserError(message)
             state, iteration = new_state, iteration + chunk
             global_step = iteration * batch_size
@@ -1521,6 +1549,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         if args.eval_only and args.checkpoint is None:
             raise UserError("--eval-only needs --checkpoint PATH")
+        if args.checkpoint is not None and not args.eval_only:
+            raise UserError("--checkpoint is read by --eval-only only; to continue training use --resume PATH")
         if args.resume is not None or args.eval_only:
             args = args_from_checkpoint(args, argv)
         args = resolve_args(args)
@@ -1537,4 +1567,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:
+        # Ctrl-C. After a second one the jitted chunk is still running on XLA's threads, and a
+        # normal interpreter exit would wait for it (minutes at the paper setting on a CPU).
+        # Every file is written and closed by now, so the process leaves at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -220,7 +220,8 @@ MANISKILL_DEFAULTS = {"vmin": -15.0, "vmax": 15.0}
 
 
 class UserError(Exception):
-    """Bad input from the command line: printed as one clear message, exit code 2."""
+    """Bad input (flags, a checkpoint, a task that does not load) or a run that cannot go on
+    (non-finite losses): printed as one clear message, exit code 2, no traceback."""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -258,7 +259,8 @@ def resolve_args(args: Args) -> Args:
     if args.cuda_graphs and torch_device(args).type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device (CUDA graphs replay GPU kernels); leave it off on the CPU")
     if suite == "maniskill" and torch_device(args).type != "cuda" and args.num_envs != 1:
-        # physx_cpu simulates exactly one env per process (measured; see .ci/maniskill_notes.md).
+        # physx_cpu simulates one env per ManiSkill env object (num_envs=1; gym.make refuses
+        # more, see .ci/maniskill_notes.md).
         args = dataclasses.replace(args, num_envs=1)
     batch_size = args.num_envs * args.num_steps
     positive = ["num_envs", "num_steps", "num_mini_batches", "num_epochs", "num_seeds"]
@@ -277,7 +279,12 @@ def resolve_args(args: Args) -> Args:
             f"(num_envs * num_steps = {batch_size})"
         )
     if not args.vmin < args.vmax or args.num_bins < 2:
-        raise UserError(f"need vmin < vmax and num_bins >= 2, got {args.vmin}, {args.vmax}, {args.num_bins}")
+        raise UserError(
+            f"need --vmin < --vmax and --num-bins >= 2, got --vmin {args.vmin}, --vmax {args.vmax}, "
+            f"--num-bins {args.num_bins}"
+        )
+    if not -(2**31) <= args.seed <= 2**31 - args.num_seeds:  # the same range as reppo_jax.py's int32 seeds
+        raise UserError(f"--seed must be in [-2**31, 2**31 - num_seeds], got {args.seed}")
     if not 0.0 < args.gamma <= 1.0:
         default = " (ManiSkill's default 1 - 10 / episode_length needs episodes of more than 10 steps)"
         raise UserError(f"--gamma must be in (0, 1], got {args.gamma}" + (default if suite == "maniskill" else ""))
@@ -608,6 +615,12 @@ class PlaygroundEnv:
             raise UserError(
                 f"checkpoint env state has {len(leaves)} arrays, this env needs {len(self._carry_layout) + 1}"
             )
+        for i, (leaf, (dtype, shape)) in enumerate(zip(leaves, self._carry_layout)):
+            if (str(leaf.dtype), tuple(leaf.shape)) != (dtype, shape):
+                raise UserError(
+                    f"checkpoint env state array {i} is {leaf.dtype} {tuple(leaf.shape)}, this env needs {dtype} "
+                    f"{shape} (saved with another Playground version or env configuration?)"
+                )
         self.carry = jax.device_put(self._pack_jit(leaves[:-1]), jax.devices()[0])
         self.key = leaves[-1]
 
@@ -673,7 +686,7 @@ class ManiSkillEnv:
 
     suite = "maniskill"
 
-    def __init__(self, args: Args, num_envs: int, seed: int, device: torch.device):
+    def __init__(self, args: Args, num_envs: int, seed: int, device: torch.device, auto_reset: bool = True):
         import gymnasium as gym
         import mani_skill.envs  # noqa: F401  (registers the tasks)
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
@@ -688,7 +701,7 @@ class ManiSkillEnv:
             max_episode_steps=args.episode_length,
             render_mode=None,
         )
-        self.env = ManiSkillVectorEnv(env, auto_reset=True, ignore_terminations=True, record_metrics=True)
+        self.env = ManiSkillVectorEnv(env, auto_reset=auto_reset, ignore_terminations=True, record_metrics=True)
         self.base = self.env.unwrapped
         self.num_envs = num_envs
         self.device = device
@@ -760,19 +773,19 @@ class ManiSkillEnv:
 
 
 def make_env(args: Args, num_envs: int, seed: int, device: torch.device, auto_reset: bool = True):
-    """A PlaygroundEnv or a ManiSkillEnv with ``num_envs`` envs. Evaluation envs of
-    Playground tasks pass ``auto_reset=False``: every evaluation round resets them anyway,
-    and a reset of all of them at the last step would be wasted (ManiSkill's auto-reset is
-    built into its vector env)."""
+    """A PlaygroundEnv or a ManiSkillEnv with ``num_envs`` envs. Evaluation envs pass
+    ``auto_reset=False``: every evaluation round resets them anyway, and a reset of all of
+    them at the last step would be wasted (for ManiSkill it would also draw the task's random
+    initial state from the global torch generator, which the training env's resets use)."""
     if env_suite(args.env_id) == "dm_control":
         env = make_playground_env(args.env_id, args.impl, args.episode_length)
         return PlaygroundEnv(env, num_envs, args.episode_length, seed, device, auto_reset)
-    return ManiSkillEnv(args, num_envs, seed, device)
+    return ManiSkillEnv(args, num_envs, seed, device, auto_reset)
 
 
 def make_eval_env(args: Args, seed: int, device: torch.device):
     """The evaluation envs, separate from the training ones: ``num_eval_envs`` of them, except
-    that ManiSkill on the CPU simulator holds one env per process; evaluation then plays its
+    that ManiSkill on the CPU simulator holds one env per env object; evaluation then plays its
     num_eval_envs episodes one after another on that single env."""
     one_at_a_time = env_suite(args.env_id) == "maniskill" and device.type != "cuda"
     return make_env(args, 1 if one_at_a_time else args.num_eval_envs, seed + 10_000, device, auto_reset=False)
@@ -783,7 +796,7 @@ def make_eval_env(args: Args, seed: int, device: torch.device):
 # ======================================================================================
 
 # IMPLEMENTATION DETAIL 7: an action given to tanh_normal_log_prob is clipped to +-(1 - 1e-6)
-# so that atanh stays finite (tanh(u) rounds to exactly 1 in float32 for |u| > ~9). Sampled
+# so that atanh stays finite (in float32 tanh(u) rounds to exactly 1 from |u| ~= 8 in XLA, ~= 9 in PyTorch). Sampled
 # actions (sample_tanh_normal) keep their pre-tanh value u and need no clip.
 LOG_PROB_CLIP = 1.0 - 1e-6
 # The KL estimate clips its samples harder, to +-(1 - 1e-4) (SPEC section 8).
@@ -836,8 +849,10 @@ def sample_tanh_normal(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tenso
 
     ``noise`` is standard normal, drawn by the caller (so gradients flow to mean and std:
     the reparameterisation trick). The log-probability is computed from the pre-tanh value
-    u: the same number as ``tanh_normal_log_prob(a, ...)`` while |u| < atanh(1 - 1e-6) ~= 7.25,
-    and still exact beyond, where a is too close to +-1 for the clipped atanh to recover u.
+    u: in exact arithmetic the same number as ``tanh_normal_log_prob(a, ...)`` while
+    |u| < atanh(1 - 1e-6) ~= 7.25, but in float32 atanh(tanh(u)) loses u as a nears +-1
+    (log-probs apart by 2e-3 at u = 5 and 9e-3 at u = 6 for std 0.5; beyond the clip the atanh
+    path is capped), while u is exact.
     """
     pre_tanh = mean + std * noise
     return torch.tanh(pre_tanh), tanh_normal_log_prob_from_pre_tanh(pre_tanh, mean, std)
@@ -1553,6 +1568,11 @@ class Trainer:
             result["success_at_end"] = torch.cat(success_at_end)[: args.num_eval_envs].cpu().numpy()
         return result
 
+    def parameters_finite(self) -> bool:
+        """Whether every network parameter, log alpha and log beta is finite."""
+        params = self.actor_params + self.critic_params
+        return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
     def close(self) -> None:
         self.env.close()
         if self.eval_env is not None and self.eval_env is not self.env:
@@ -1628,8 +1648,9 @@ def library_versions() -> dict[str, str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def save_checkpoint(path: str, trainer: Trainer, args: Args, global_step: int) -> None:
@@ -1646,6 +1667,8 @@ def save_checkpoint(path: str, trainer: Trainer, args: Args, global_step: int) -
 
 
 def read_checkpoint(path: str) -> dict:
+    if os.path.isdir(path):
+        raise UserError(f"'{path}' is a folder; give the checkpoint file, e.g. {os.path.join(path, CHECKPOINT_NAME)}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
@@ -1660,12 +1683,15 @@ def read_checkpoint(path: str) -> dict:
 class MetricsLogger:
     """metrics.csv (always), wandb (with --track) and a tqdm progress bar on stderr."""
 
-    def __init__(self, args: Args, run_dir: str, run_name: str, start_step: int, metric_names: list[str]):
-        self.args = args
+    def __init__(
+        self, args: Args, run_dir: str, run_name: str, start_step: int, end_step: int, metric_names: list[str]
+    ):
         self.path = os.path.join(run_dir, "metrics.csv")
         self.columns = ["global_step", "seed"] + sorted(set(metric_names) - {"seed"})
         kept = []
-        if os.path.exists(self.path):  # a resumed run: drop the rows past the checkpoint
+        if os.path.exists(self.path) and start_step > 0:
+            # A resumed run: keep the rows up to the checkpoint, drop those past it. A run
+            # resumed from step 0 starts over (it evaluates step 0 again).
             with open(self.path, newline="") as f:
                 kept = [row for row in csv.DictReader(f) if int(row["global_step"]) <= start_step]
         with open(self.path, "w", newline="") as f:
@@ -1690,14 +1716,14 @@ class MetricsLogger:
         if args.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(
-                total=args.total_timesteps, initial=start_step, unit="step", unit_scale=True, file=sys.stderr
-            )
+            # end_step: whole iterations only, so up to one batch short of --total-timesteps.
+            self.bar = tqdm(total=end_step, initial=start_step, unit="step", unit_scale=True, file=sys.stderr)
 
     def log(self, global_step: int, rows: list[dict[str, float]]) -> None:
         """One row per seed (this file logs one seed per run, so one row)."""
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            # A key that is no column is a bug (a metric added without its column): fail loudly.
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="raise")
             for row in rows:
                 writer.writerow({"global_step": global_step, **row})
         if self.wandb is not None:
@@ -1766,7 +1792,7 @@ def write_args(args: Args, run_dir: str, device: torch.device, argv: list[str]) 
         json.dump(record, f, indent=2)
 
 
-def eval_rows(args: Args, trainer: Trainer) -> dict[str, float]:
+def eval_rows(trainer: Trainer) -> dict[str, float]:
     """Evaluation metrics of one seed: deterministic return (mean, std); for ManiSkill also
     success_once / success_at_end and the same for the stochastic policy."""
     result = trainer.evaluate()
@@ -1805,7 +1831,8 @@ def train_row(metrics: list[dict[str, float]], sps: float, maniskill: bool) -> d
 
 
 def metric_names(trainer: Trainer) -> list[str]:
-    """Every column a log row can hold (known without running anything)."""
+    """Every column a log row can hold (known without running anything; a row with a key
+    that is not here fails in MetricsLogger.log, so a new metric cannot go missing)."""
     names = ["losses/critic_loss", "losses/critic_ce", "losses/aux_loss", "values/q_mean"]
     names += ["losses/actor_loss", "losses/alpha_loss", "losses/beta_loss", "policy/kl", "policy/kl_outside_frac"]
     names += ["policy/entropy", "policy/alpha", "policy/beta", "policy/std", "values/target_return_mean"]
@@ -1821,7 +1848,7 @@ def metric_names(trainer: Trainer) -> list[str]:
 def describe_device(args: Args, trainer: Trainer, device: torch.device) -> str:
     if trainer.env.suite == "maniskill":
         sim = trainer.env.sim_backend
-        note = "" if sim == "physx_cuda" else " (no CUDA: ManiSkill's CPU simulator runs one env per process)"
+        note = "" if sim == "physx_cuda" else " (no CUDA: ManiSkill's CPU simulator runs one env at a time)"
         return f"ManiSkill3 {args.env_id} on {sim} with {args.num_envs} env(s){note}; networks on {device}"
     return f"MuJoCo Playground {args.env_id} (JAX, impl={args.impl}) with {args.num_envs} envs; networks on {device}"
 
@@ -1830,8 +1857,9 @@ def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
     """--resume and --eval-only take the checkpoint's own arguments (so that networks, env
     and sizes match it); a resumed run may extend --total-timesteps and an evaluation may
     change --num-eval-envs when those flags are given (the same rule as reppo_jax.py). The
-    device and the speed switches, which never change the math, may be given anew too (a run
-    saved on a GPU with --cuda-graphs can go on on a CPU without it)."""
+    device and the speed switches, which never change the math, may be given anew too; without
+    CUDA, a checkpoint's --device cuda and --cuda-graphs fall back to the defaults (a run saved
+    on a GPU with --cuda-graphs can go on, or be evaluated, on a CPU)."""
     saved = dataclasses.replace(Args(), **read_checkpoint(args.resume or args.checkpoint)["args"])
     overrides = {"resume": args.resume, "checkpoint": args.checkpoint, "eval_only": args.eval_only}
     overrides["progress"] = args.progress
@@ -1842,6 +1870,19 @@ def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
         if any(token in cli_flags or token.startswith(cli_flags[0] + "=") for token in argv):
             overrides[flag] = getattr(args, flag)
     warn_ignored_flags(argv, may_change + list(overrides))
+    if not torch.cuda.is_available():
+        # Saved on a GPU, continued or evaluated here without one: the checkpoint's CUDA-only
+        # settings give way to the defaults (the math is the same), unless given anew.
+        cuda_only = {"device": "cuda", "cuda_graphs": True}
+        dropped = [flag for flag, value in cuda_only.items() if flag not in overrides and getattr(saved, flag) == value]
+        if dropped:
+            overrides.update({flag: getattr(Args(), flag) for flag in dropped})
+            print(
+                "note: no CUDA device here; the checkpoint's "
+                + ", ".join(f"--{flag.replace('_', '-')}" for flag in dropped)
+                + " left at the default",
+                file=sys.stderr,
+            )
     return dataclasses.replace(saved, **overrides)
 
 
@@ -1868,7 +1909,7 @@ def run_eval_only(args: Args) -> None:
     )
     trainer.eval_env = eval_env
     trainer.load_state_dict(payload["trainer"], with_env=False)
-    row = eval_rows(args, trainer)
+    row = eval_rows(trainer)
     line = (
         f"eval seed={args.seed} step={payload['global_step']} "
         f"episodic_return={row['eval/episodic_return']:.2f} +- {row['eval/episodic_return_std']:.2f} "
@@ -1887,6 +1928,8 @@ def run_eval_only(args: Args) -> None:
 def train(args: Args, argv: list[str]) -> str:
     """Train (or resume) one seed's run; returns the run folder. ``argv``: the command line,
     recorded in args.json."""
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
     start_step = 0
     payload = None
     if args.resume is not None:  # continue in the checkpoint's own run folder
@@ -1894,7 +1937,13 @@ def train(args: Args, argv: list[str]) -> str:
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         run_name = os.path.basename(run_dir)
         start_step = payload["global_step"]
-        if start_step + args.num_envs * args.num_steps > args.total_timesteps:
+        saved_envs = payload["args"]["num_envs"]
+        if args.num_envs != saved_envs:  # ManiSkill: saved on the GPU simulator, resumed without CUDA
+            raise UserError(
+                f"the checkpoint ran {saved_envs} envs and this machine runs {args.num_envs} "
+                "(ManiSkill's CPU simulator: one): resume it where CUDA is available (--eval-only works here)"
+            )
+        if start_step + batch_size > args.total_timesteps:
             raise UserError(
                 f"the checkpoint is at step {start_step:,}: --total-timesteps {args.total_timesteps:,} leaves "
                 "no iteration to run; give a larger --total-timesteps"
@@ -1902,26 +1951,24 @@ def train(args: Args, argv: list[str]) -> str:
     else:
         run_name, run_dir = make_run_dir(args)
     device = torch_device(args)
-    write_args(args, run_dir, device, argv)
-
-    batch_size = args.num_envs * args.num_steps
-    num_iterations = args.total_timesteps // batch_size
     if device.type == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
         # Measured with benchmarks/speed.py on a 2-core CPU (AMD EPYC): the paper setting on
         # CheetahRun (1024 envs x 32 steps, hidden 512) ran at ~1,260 env-steps/s.
         hours = args.total_timesteps / 1_260 / 3600
         print(
-            f"No CUDA device: training on the CPU. At this setting ({args.num_envs} envs, hidden "
-            f"{args.critic_hidden}) a 2-core CPU ran ~1,260 env-steps/s (the paper setting on CheetahRun), "
-            f"so {args.total_timesteps:,} steps would take about {hours:,.0f} hours there. "
-            "For a CPU, try --preset cpu.",
+            f"No CUDA device: training on the CPU. The paper setting on CheetahRun (1024 envs, hidden 512) "
+            f"ran at ~1,260 env-steps/s on a 2-core CPU; at that speed {args.total_timesteps:,} steps would "
+            f"take about {hours:,.0f} hours, and this setting ({args.num_envs} envs, hidden "
+            f"{args.critic_hidden}) is no faster. For a CPU, try --preset cpu.",
             file=sys.stderr,
         )
     trainer = Trainer(args, args.seed, device)
+    write_args(args, run_dir, device, argv)  # after the Trainer, which sets --torch-threads
     if payload is not None:
         trainer.load_state_dict(payload["trainer"])
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
-    logger = MetricsLogger(args, run_dir, run_name, start_step, metric_names(trainer))
+    end_step = num_iterations * batch_size
+    logger = MetricsLogger(args, run_dir, run_name, start_step, end_step, metric_names(trainer))
     logger.write(f"run folder: {run_dir}")
     logger.write(describe_device(args, trainer, device))
 
@@ -1937,28 +1984,35 @@ def train(args: Args, argv: list[str]) -> str:
     interrupted = install_interrupt_handler()
     try:
         if iteration == 0:  # the untrained policy, so curves start at step 0
-            row = eval_rows(args, trainer)
+            row = eval_rows(trainer)
             logger.log(0, [row])
             eval_return = row["eval/episodic_return"]
         while iteration < num_iterations:
             stop_if_interrupted(interrupted)
+            start = time.perf_counter()
             if args.save_model or args.resume:  # kept to be saved if this iteration goes non-finite
                 last_finite = copy.deepcopy(trainer.state_dict())
-            start = time.perf_counter()
             iteration_metrics = trainer.train_iteration()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if warmed_up:
                 train_seconds += time.perf_counter() - start
                 train_steps += batch_size
+            else:
+                logger.write(f"first iteration (warm-up) took {time.perf_counter() - start:.1f} s, not counted in SPS")
             warmed_up = True
             bad = first_nonfinite(iteration_metrics)
+            if bad is None and not trainer.parameters_finite():
+                bad = ["parameters"]  # finite losses, but the iteration's last update was not
             if bad is not None:
                 message = f"non-finite {', '.join(bad)} at iteration {iteration + 1}; stopped"
                 if last_finite is not None:
                     trainer.load_state_dict(last_finite)
                     save_checkpoint(checkpoint_path, trainer, args, iteration * batch_size)
-                    message += f". The last finite state (iteration {iteration}) is in {checkpoint_path}"
+                    message += (
+                        f". The last finite state (iteration {iteration}) is in {checkpoint_path}, to inspect "
+                        "or --eval-only (--resume from it would repeat the same computation)"
+                    )
                 raise UserError(message)
             metrics.append(iteration_metrics)
             iteration += 1
@@ -1966,7 +2020,7 @@ def train(args: Args, argv: list[str]) -> str:
             sps = train_steps / train_seconds if train_seconds > 0 else float("nan")
             logger.progress(global_step, sps, eval_return)
             if iteration % args.log_interval == 0 or iteration == num_iterations:
-                row = {**train_row(metrics, sps, trainer.env.suite == "maniskill"), **eval_rows(args, trainer)}
+                row = {**train_row(metrics, sps, trainer.env.suite == "maniskill"), **eval_rows(trainer)}
                 metrics = []
                 eval_return = row["eval/episodic_return"]
                 logger.log(global_step, [row])
@@ -2034,6 +2088,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         if args.eval_only and args.checkpoint is None:
             raise UserError("--eval-only needs --checkpoint PATH")
+        if args.checkpoint is not None and not args.eval_only:
+            raise UserError("--checkpoint is read by --eval-only only; to continue training use --resume PATH")
         if args.resume is not None or args.eval_only:
             args = args_from_checkpoint(args, argv)
         args = resolve_args(args)

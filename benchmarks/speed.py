@@ -11,7 +11,7 @@ Settings: 'paper' = SPEC defaults on CheetahRun (1024 envs x 32 steps, 16 miniba
 8 epochs, hidden 512); 'cpu' = --preset cpu on CartpoleBalance (64 x 32, 4 minibatches,
 8 epochs, hidden 256); 'maniskill' = --preset cpu on ManiSkill3 PickCube-v1, reppo_torch.py
 only (reppo_jax.py runs Playground tasks only). Without CUDA, ManiSkill simulates on the CPU
-(physx_cpu), one env per process, so an iteration there is 1 x 32 steps and 32 updates of
+(physx_cpu), one training env, so an iteration there is 1 x 32 steps and 32 updates of
 minibatches of 8; with CUDA it is the GPU simulator with 64 envs.
 """
 

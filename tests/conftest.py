@@ -77,13 +77,15 @@ def cartpole_learning_run(script, total_timesteps, runs_dir):
     return rows, float(rows[0]["eval/episodic_return"]), [float(r["eval/episodic_return"]) for r in rows[1:]]
 
 
-def interrupt_a_run(script, runs_dir, timeout=300):
-    """Start a long TINY run of `script`, send it SIGINT (Ctrl-C) once metrics.csv holds a row
-    after step 0, and return (exit code, stderr, run folder)."""
+def interrupt_a_run(script, runs_dir, timeout=300, rows=2, twice=False, extra_argv=()):
+    """Start a long TINY run of `script`, send it SIGINT (Ctrl-C) once metrics.csv holds
+    `rows` rows (2: step 0 and one log point), and again a second later if `twice`; return
+    (exit code, stderr, run folder), and with `twice` also the seconds from the last SIGINT
+    to the end of the process."""
     import signal
     import time
 
-    argv = [*TINY, "--total-timesteps", str(100_000 * BATCH), "--runs-dir", str(runs_dir)]
+    argv = [*TINY, "--total-timesteps", str(100_000 * BATCH), "--runs-dir", str(runs_dir), *extra_argv]
     process = subprocess.Popen(
         script_command(script, *argv),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
@@ -92,14 +94,21 @@ def interrupt_a_run(script, runs_dir, timeout=300):
     try:
         while time.monotonic() < deadline and process.poll() is None:
             paths = glob.glob(os.path.join(runs_dir, "*", "metrics.csv"))
-            if paths and len(read_metrics(os.path.dirname(paths[0]))) >= 2:  # step 0 and one log point
+            if paths and len(read_metrics(os.path.dirname(paths[0]))) >= rows:
                 break
             time.sleep(0.2)
         assert process.poll() is None, "the run ended before it could be interrupted"
         process.send_signal(signal.SIGINT)
+        if twice:
+            time.sleep(1.0)
+            process.send_signal(signal.SIGINT)
+        last_signal = time.monotonic()
         _, err = process.communicate(timeout=timeout)
+        seconds = time.monotonic() - last_signal
     finally:
         process.kill()
+    if twice:
+        return process.returncode, err, only_run(runs_dir), seconds
     return process.returncode, err, only_run(runs_dir)
 
 

@@ -6,6 +6,7 @@ import os
 import shlex
 import signal
 
+import jax
 import numpy as np
 import pytest
 from conftest import BATCH, TINY, interrupt_a_run, only_run, read_metrics, run_script
@@ -123,6 +124,16 @@ def test_ctrl_c_in_the_last_chunk_still_saves_a_checkpoint(tmp_path, monkeypatch
         assert json.loads(str(data["meta"]))["global_step"] == 2 * BATCH
 
 
+def test_training_episodes_are_logged_with_their_length_and_return(tmp_path):
+    """charts/episodic_*: the mean over the complete episodes that ended since the last log
+    point (10-step episodes here; the first, shortened ones are not complete and not counted)."""
+    argv = [*TINY, "--episode-length", "10", "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path)]
+    assert rj.main(argv) == 0
+    rows = read_metrics(only_run(tmp_path))[1:]  # the rows after step 0
+    assert [float(r["charts/episodic_length"]) for r in rows] == [10.0, 10.0]
+    assert all(0 < float(r["charts/episodic_return"]) <= 10 for r in rows)  # CartpoleBalance: <= 1 per step
+
+
 def test_track_logs_a_wandb_run_offline(tmp_path):
     """--track: wandb.init with the run's config, a log per log point and finish() go through
     (offline: written beside the run, to sync later; nothing is sent)."""
@@ -179,6 +190,10 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--total-timesteps", "10"], "smaller than one iteration"),
         (["--gamma", "0"], "--gamma must be in (0, 1], got 0.0"),
         (["--lmbda", "1.5"], "--lmbda must be in [0, 1], got 1.5"),
+        (["--vmin", "5", "--vmax", "1"], "need --vmin < --vmax and --num-bins >= 2, got --vmin 5.0, --vmax 1.0"),
+        (["--seed", "3000000000"], "--seed must be in [-2**31, 2**31 - num_seeds], got 3000000000"),
+        (["--checkpoint", "run/checkpoint.npz"], "--checkpoint is read by --eval-only only; to continue training use"),
+        (["--resume", os.path.dirname(__file__)], "is a folder; give the checkpoint file, e.g."),
     ],
 )
 def test_bad_input_gives_a_clear_message_and_exit_code_2(argv, message, capsys):
@@ -204,11 +219,46 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
     assert code == 2
     err = capsys.readouterr().err
     assert "non-finite losses/" in err and "losses/critic_loss" in err and "at iteration 1;" in err
-    with np.load(os.path.join(only_run(tmp_path), "checkpoint.npz")) as data:
+    run_dir = only_run(tmp_path)
+    with np.load(os.path.join(run_dir, "checkpoint.npz")) as data:
         assert json.loads(str(data["meta"]))["global_step"] == 0
         assert all(
             np.isfinite(data[k]).all() for k in data.files if k.startswith("leaf_") and data[k].dtype.kind == "f"
         )
+    # The step-0 checkpoint resumes (here without the poison) and evaluates step 0 once more,
+    # in place of the row the stopped run wrote, not beside it.
+    monkeypatch.undo()
+    assert rj.main(["--resume", os.path.join(run_dir, "checkpoint.npz")]) == 0
+    assert [int(r["global_step"]) for r in read_metrics(run_dir)] == [0, 2 * BATCH, 4 * BATCH]
+
+
+def test_non_finite_parameters_after_finite_losses_stop_the_run_too(tmp_path, monkeypatch, capsys):
+    """An update can make the parameters NaN while the losses it reports were finite; the
+    run stops there instead of saving (and calling finite) the broken state."""
+    real_train_chunk = rj.Runner.train_chunk
+
+    def nan_parameters_in_the_second_chunk(runner, state, num_iterations):
+        new_state, metrics = real_train_chunk(runner, state, num_iterations)
+        if int(np.asarray(new_state.iteration)[0]) > num_iterations:
+            new_state = new_state._replace(actor=jax.tree.map(lambda x: x * np.nan, new_state.actor))
+        return new_state, metrics
+
+    monkeypatch.setattr(rj.Runner, "train_chunk", nan_parameters_in_the_second_chunk)
+    code = rj.main([*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path), "--save-model"])
+    assert code == 2
+    assert "non-finite parameters at iteration 4; stopped" in capsys.readouterr().err
+    with np.load(os.path.join(only_run(tmp_path), "checkpoint.npz")) as data:
+        assert json.loads(str(data["meta"]))["global_step"] == 2 * BATCH  # the last finite state
+
+
+def test_a_second_ctrl_c_stops_at_once_inside_a_long_chunk(tmp_path):
+    """The second Ctrl-C leaves without waiting for the running jitted chunk (here one chunk
+    of 100,000 iterations, minutes long) and without a checkpoint."""
+    argv = ["--log-interval", "100000", "--save-model"]
+    code, err, run_dir, seconds = interrupt_a_run("reppo_jax.py", tmp_path, rows=1, twice=True, extra_argv=argv)
+    assert code == 130 and "no checkpoint written" in err and "Traceback" not in err
+    assert seconds < 20, f"the process took {seconds:.0f} s to leave after the second Ctrl-C"
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint.npz"))
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):

@@ -119,6 +119,16 @@ def test_eval_only_evaluates_the_checkpoint(full_run, capsys):
     assert "over 3 episodes" in capsys.readouterr().out
 
 
+def test_training_episodes_are_logged_with_their_length_and_return(tmp_path):
+    """charts/episodic_*: the mean over the complete episodes that ended since the last log
+    point (10-step episodes here; the first, shortened ones are not complete and not counted)."""
+    argv = [*TINY, "--episode-length", "10", "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path)]
+    assert rt.main(argv) == 0
+    rows = read_metrics(only_run(tmp_path))[1:]  # the rows after step 0
+    assert [float(r["charts/episodic_length"]) for r in rows] == [10.0, 10.0]
+    assert all(0 < float(r["charts/episodic_return"]) <= 10 for r in rows)  # CartpoleBalance: <= 1 per step
+
+
 def test_track_logs_a_wandb_run_offline(tmp_path):
     """--track: wandb.init with the run's config, a log per log point and finish() go through
     (offline: written beside the run, to sync later; nothing is sent)."""
@@ -182,6 +192,10 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--gamma", "0"], "--gamma must be in (0, 1], got 0.0"),
         (["--lmbda", "1.5"], "--lmbda must be in [0, 1], got 1.5"),
         (["--env-id", "PushCube-v1", "--episode-length", "10"], "ManiSkill's default 1 - 10 / episode_length"),
+        (["--vmin", "5", "--vmax", "1"], "need --vmin < --vmax and --num-bins >= 2, got --vmin 5.0, --vmax 1.0"),
+        (["--seed", "3000000000"], "--seed must be in [-2**31, 2**31 - num_seeds], got 3000000000"),
+        (["--checkpoint", "run/checkpoint.pt"], "--checkpoint is read by --eval-only only; to continue training use"),
+        (["--resume", os.path.dirname(__file__)], "is a folder; give the checkpoint file, e.g."),
         pytest.param(
             ["--cuda-graphs"],
             "--cuda-graphs needs a CUDA device",
@@ -212,10 +226,49 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
     assert code == 2
     err = capsys.readouterr().err
     assert "non-finite losses/" in err and "losses/critic_loss" in err and "at iteration 1;" in err
-    payload = torch.load(os.path.join(only_run(tmp_path), "checkpoint.pt"), weights_only=True)
+    run_dir = only_run(tmp_path)
+    payload = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert payload["global_step"] == 0
     for module in ("actor", "critic"):
         assert all(torch.isfinite(v).all() for v in payload["trainer"][module].values())
+    # The step-0 checkpoint resumes (here without the poison) and evaluates step 0 once more,
+    # in place of the row the stopped run wrote, not beside it.
+    monkeypatch.undo()
+    assert rt.main(["--resume", os.path.join(run_dir, "checkpoint.pt")]) == 0
+    assert [int(r["global_step"]) for r in read_metrics(run_dir)] == [0, 2 * BATCH, 4 * BATCH]
+
+
+def test_non_finite_parameters_after_finite_losses_stop_the_run_too(tmp_path, monkeypatch, capsys):
+    """An update can make the parameters NaN while the losses it reports were finite; the
+    run stops there instead of saving (and calling finite) the broken state."""
+    real_train_iteration = rt.Trainer.train_iteration
+
+    def nan_parameters_in_the_third_iteration(trainer):
+        metrics = real_train_iteration(trainer)
+        if trainer.iteration == 3:
+            with torch.no_grad():
+                next(trainer.critic.parameters()).fill_(float("nan"))
+        return metrics
+
+    monkeypatch.setattr(rt.Trainer, "train_iteration", nan_parameters_in_the_third_iteration)
+    code = rt.main([*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path), "--save-model"])
+    assert code == 2
+    assert "non-finite parameters at iteration 3; stopped" in capsys.readouterr().err
+    payload = torch.load(os.path.join(only_run(tmp_path), "checkpoint.pt"), weights_only=True)
+    assert payload["global_step"] == 2 * BATCH  # the last finite state
+    assert all(torch.isfinite(v).all() for v in payload["trainer"]["critic"].values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where no CUDA device is")
+def test_a_checkpoint_saved_with_cuda_switches_is_evaluated_on_the_cpu(full_run, tmp_path, capsys):
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    payload = torch.load(os.path.join(full_run, "checkpoint.pt"), weights_only=True)
+    payload["args"].update(device="cuda", cuda_graphs=True)  # as a run on a GPU saves them
+    torch.save(payload, checkpoint)
+    assert rt.main(["--eval-only", "--checkpoint", checkpoint]) == 0
+    captured = capsys.readouterr()
+    assert "no CUDA device here; the checkpoint's --device, --cuda-graphs left at the default" in captured.err
+    assert f"eval seed=3 step={4 * BATCH} " in captured.out
 
 
 def test_a_checkpoint_from_another_kind_of_device_resumes_with_a_fresh_random_stream(full_run, tmp_path, capsys):

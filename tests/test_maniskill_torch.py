@@ -8,6 +8,7 @@ SAPIEN needs a Vulkan driver even for state observations. Without one these test
 
 import csv
 import ctypes
+import dataclasses
 import glob
 import json
 import os
@@ -108,6 +109,29 @@ def test_short_pickcube_run_logs_success_and_its_checkpoint_reloads(tmp_path, ca
 
     assert rt.main(["--resume", checkpoint, "--total-timesteps", "64", "--no-progress"]) == 0
     assert rt.read_checkpoint(checkpoint)["global_step"] == 64
+
+    # A run saved with many envs on the GPU simulator cannot go on with the CPU simulator's one.
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["args"].update(num_envs=8, device="auto")
+    torch.save(payload, checkpoint)
+    capsys.readouterr()
+    assert rt.main(["--resume", checkpoint, "--total-timesteps", "1024", "--device", "cpu"]) == 2
+    assert "the checkpoint ran 8 envs and this machine runs 1" in capsys.readouterr().err
+
+
+def test_evaluation_leaves_the_training_randomness_alone():
+    """ManiSkill draws a task's random initial state from the global torch generator when it
+    resets without a seed, as the training env's partial resets do; evaluation resets with
+    seeds of its own and must not reset its envs at their last step."""
+    require_maniskill()
+    args = rt.resolve_args(rt.Args(env_id="PushCube-v1", preset="cpu", num_steps=8, num_mini_batches=1))
+    args = dataclasses.replace(args, actor_hidden=32, critic_hidden=32, num_eval_envs=2, device="cpu")
+    trainer = rt.Trainer(args, 1, torch.device("cpu"))
+    before = torch.get_rng_state()
+    result = trainer.evaluate()
+    assert len(result["return"]) == 2
+    assert torch.equal(torch.get_rng_state(), before)
+    trainer.close()
 
 
 def test_speed_benchmark_measures_pickcube_on_the_cpu_simulator(tmp_path):

@@ -191,9 +191,13 @@ def test_soft_lambda_returns_special_cases():
 # ---------------------------------------------------------------------------- policy KL
 
 
-def test_policy_kl_is_zero_for_identical_policies():
+@pytest.mark.parametrize("mean_scale", [1.0, 4.0])
+def test_policy_kl_is_zero_for_identical_policies(mean_scale):
+    """Both log-probabilities at the same clipped sample (SPEC section 8): zero also where
+    most samples are clipped (means near +-4 with std 1 put |u| past atanh(1 - 1e-4) ~= 4.95)."""
     rng = np.random.default_rng(3)
-    mean, std = jnp.asarray(rng.normal(size=(10, 4))), jnp.asarray(rng.uniform(0.2, 1, size=(10, 4)))
+    mean = jnp.asarray(mean_scale * np.sign(rng.normal(size=(10, 4))) + rng.normal(size=(10, 4)) / mean_scale)
+    std = jnp.asarray(rng.uniform(0.2, 1, size=(10, 4)))
     noise = jax.random.normal(jax.random.PRNGKey(0), (16, 10, 4))
     np.testing.assert_allclose(rj.policy_kl(mean, std, mean, std, noise), 0.0, atol=1e-6)
 
