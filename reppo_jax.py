@@ -31,8 +31,9 @@ Sections (the same, in the same order, in ``reppo_torch.py``):
     1. Args   2. Environment   3. Math   4. Networks   5. Losses
     6. Collect / Learn / Evaluate   7. Logging & checkpoints   8. main
 
-The contract for every line is ``SPEC.md`` of this project; ``docs/reppo.md`` explains
-each equation and each ``IMPLEMENTATION DETAIL n`` tag below.
+The contract for every line is the project's ``SPEC.md``, cited below as "SPEC section N"
+(it is not shipped here: ``docs/reppo.md`` maps those numbers to its own headings, and
+explains each equation and each ``IMPLEMENTATION DETAIL n`` tag below).
 """
 
 from __future__ import annotations
@@ -438,8 +439,9 @@ def _where_env(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
 # ======================================================================================
 
 # IMPLEMENTATION DETAIL 7: an action given to tanh_normal_log_prob is clipped to +-(1 - 1e-6)
-# so that atanh stays finite (in float32 tanh(u) rounds to exactly 1 from |u| ~= 8 in XLA, ~= 9 in PyTorch). Sampled
-# actions (sample_tanh_normal) keep their pre-tanh value u and need no clip.
+# so that atanh stays finite (in float32, tanh(u) rounds to exactly 1 from |u| ~= 8 in XLA,
+# ~= 9 in PyTorch). Sampled actions (sample_tanh_normal) keep their pre-tanh value u and need
+# no clip.
 LOG_PROB_CLIP = 1.0 - 1e-6
 # The KL estimate clips its samples harder, to +-(1 - 1e-4) (SPEC section 8).
 KL_SAMPLE_CLIP = 1.0 - 1e-4

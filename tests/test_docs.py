@@ -78,6 +78,34 @@ def test_docs_name_only_test_files_that_exist():
             assert os.path.isfile(os.path.join(ROOT, path)), f"{doc} names {path}, which does not exist"
 
 
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped (letters of
+    any script, digits, '_' and '-' kept), spaces as hyphens; a repeated heading gets -1, -2..."""
+    anchors: set[str] = set()
+    in_code = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        heading = re.match(r"#{1,6} (.+)", line)
+        if heading and not in_code:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            anchor, n = slug, 0
+            while anchor in anchors:
+                n += 1
+                anchor = f"{slug}-{n}"
+            anchors.add(anchor)
+    return anchors
+
+
+def test_every_anchor_link_names_a_heading():
+    for doc in sync_links.doc_files(ROOT):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", read(doc)):
+            if target.startswith("http") or target.endswith(".py"):  # web pages; code links are checked above
+                continue
+            page = os.path.normpath(os.path.join(os.path.dirname(doc), target)) if target else doc
+            assert anchor in heading_anchors(read(page)), f"{doc} links {target}#{anchor}: no such heading"
+
+
 # --- 2. implementation details ----------------------------------------------------------
 
 
