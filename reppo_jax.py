@@ -1400,7 +1400,6 @@ def train(args: Args, argv: list[str]) -> str:
         run_name = os.path.basename(run_dir)
     else:
         run_name, run_dir = make_run_dir(args)
-    write_args(args, run_dir, argv)
 
     if jax.default_backend() == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
         # Measured with benchmarks/speed.py on a 2-core CPU (AMD EPYC): the paper setting on
@@ -1417,6 +1416,7 @@ def train(args: Args, argv: list[str]) -> str:
     runner = Runner(args)
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
     state = load_checkpoint(args.resume, runner.abstract_state()) if args.resume else runner.init()
+    write_args(args, run_dir, argv)  # once the run can start (a failed resume leaves it as it was)
     iteration = int(np.asarray(state.iteration)[0])
     first_chunk = chunk_length(iteration, num_iterations, args.log_interval)  # >= 1: checked above
     end_step = num_iterations * batch_size
@@ -1553,6 +1553,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--eval-only needs --checkpoint PATH")
         if args.checkpoint is not None and not args.eval_only:
             raise UserError("--checkpoint is read by --eval-only only; to continue training use --resume PATH")
+        if args.eval_only and args.resume is not None:
+            raise UserError("--eval-only evaluates --checkpoint PATH; it does not go with --resume")
         if args.resume is not None or args.eval_only:
             args = args_from_checkpoint(args, argv)
         args = resolve_args(args)

@@ -262,6 +262,12 @@ def resolve_args(args: Args) -> Args:
     if suite == "maniskill" and torch_device(args).type != "cuda" and args.num_envs != 1:
         # physx_cpu simulates one env per ManiSkill env object (num_envs=1; gym.make refuses
         # more, see .ci/maniskill_notes.md).
+        if args.resume is not None:  # a run of many envs cannot go on with one (its step count)
+            raise UserError(
+                f"the checkpoint ran {args.num_envs} envs on ManiSkill's GPU simulator; without a CUDA device "
+                "(or with --device cpu) the CPU simulator runs one: resume it on a CUDA device "
+                "(--eval-only works anywhere)"
+            )
         args = dataclasses.replace(args, num_envs=1)
     batch_size = args.num_envs * args.num_steps
     positive = ["num_envs", "num_steps", "num_mini_batches", "num_epochs", "num_seeds"]
@@ -269,12 +275,14 @@ def resolve_args(args: Args) -> Args:
     for name in positive + ["episode_length", "actor_hidden", "critic_hidden"]:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if batch_size % args.num_mini_batches != 0:
+    # The sizes of training (not checked for --eval-only: a ManiSkill checkpoint of many envs
+    # evaluated without CUDA has num_envs forced to one above, and evaluation uses none of them).
+    if batch_size % args.num_mini_batches != 0 and not args.eval_only:
         raise UserError(
             f"num_envs * num_steps = {args.num_envs} * {args.num_steps} = {batch_size} "
             f"is not divisible by --num-mini-batches {args.num_mini_batches}"
         )
-    if args.total_timesteps < batch_size:
+    if args.total_timesteps < batch_size and not args.eval_only:
         raise UserError(
             f"--total-timesteps {args.total_timesteps} is smaller than one iteration "
             f"(num_envs * num_steps = {batch_size})"
@@ -310,7 +318,7 @@ def torch_device(args: Args) -> torch.device:
 class StepResult(NamedTuple):
     """What one vectorised step hands back (all shaped (N, ...), torch tensors)."""
 
-    next_obs: torch.Tensor  # first obs of the next episode where one ended, else = final_obs
+    next_obs: torch.Tensor  # what the policy sees next: a new episode's first obs where one ended and was reset
     final_obs: torch.Tensor  # the TRUE observation after this action, even where one ended
     reward: torch.Tensor
     terminated: torch.Tensor  # float 0/1: a real terminal state, no bootstrap
@@ -681,7 +689,8 @@ def check_maniskill_assets(env_id: str) -> None:
 class ManiSkillEnv:
     """N ManiSkill3 envs (state observations) with partial resets that hand back the true
     final observation, in ManiSkill's own vector wrapper:
-    ``ManiSkillVectorEnv(auto_reset=True, ignore_terminations=True, record_metrics=True)``.
+    ``ManiSkillVectorEnv(auto_reset, ignore_terminations=True, record_metrics=True)``
+    (``auto_reset=False`` for the evaluation envs, which every evaluation round resets).
     ``ignore_terminations``: success does not end an episode, only the time limit does
     (SPEC section 11), so every done step is a truncation (bootstrapped)."""
 
@@ -1570,11 +1579,6 @@ class Trainer:
             result["success_at_end"] = torch.cat(success_at_end)[: args.num_eval_envs].cpu().numpy()
         return result
 
-    def parameters_finite(self) -> bool:
-        """Whether every network parameter, log alpha and log beta is finite."""
-        params = self.actor_params + self.critic_params
-        return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
-
     def close(self) -> None:
         self.env.close()
         if self.eval_env is not None and self.eval_env is not self.env:
@@ -1759,6 +1763,12 @@ def first_nonfinite(metrics: dict[str, float]) -> list[str] | None:
     return sorted(bad, key=lambda n: (not n.startswith("losses/"), n)) or None
 
 
+def parameters_finite(trainer: Trainer) -> bool:
+    """Whether every network parameter, log alpha and log beta is finite."""
+    params = trainer.actor_params + trainer.critic_params
+    return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
+
 # ======================================================================================
 # 8. main
 # ======================================================================================
@@ -1939,12 +1949,6 @@ def train(args: Args, argv: list[str]) -> str:
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         run_name = os.path.basename(run_dir)
         start_step = payload["global_step"]
-        saved_envs = payload["args"]["num_envs"]
-        if args.num_envs != saved_envs:  # ManiSkill: saved on the GPU simulator, resumed without CUDA
-            raise UserError(
-                f"the checkpoint ran {saved_envs} envs and this machine runs {args.num_envs} "
-                "(ManiSkill's CPU simulator: one): resume it where CUDA is available (--eval-only works here)"
-            )
         if start_step + batch_size > args.total_timesteps:
             raise UserError(
                 f"the checkpoint is at step {start_step:,}: --total-timesteps {args.total_timesteps:,} leaves "
@@ -1965,9 +1969,9 @@ def train(args: Args, argv: list[str]) -> str:
             file=sys.stderr,
         )
     trainer = Trainer(args, args.seed, device)
-    write_args(args, run_dir, device, argv)  # after the Trainer, which sets --torch-threads
     if payload is not None:
         trainer.load_state_dict(payload["trainer"])
+    write_args(args, run_dir, device, argv)  # once the run can start (and --torch-threads is set)
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
     end_step = num_iterations * batch_size
     logger = MetricsLogger(args, run_dir, run_name, start_step, end_step, metric_names(trainer))
@@ -2004,7 +2008,7 @@ def train(args: Args, argv: list[str]) -> str:
                 logger.write(f"first iteration (warm-up) took {time.perf_counter() - start:.1f} s, not counted in SPS")
             warmed_up = True
             bad = first_nonfinite(iteration_metrics)
-            if bad is None and not trainer.parameters_finite():
+            if bad is None and not parameters_finite(trainer):
                 bad = ["parameters"]  # finite losses, but the iteration's last update was not
             if bad is not None:
                 message = f"non-finite {', '.join(bad)} at iteration {iteration + 1}; stopped"
@@ -2092,6 +2096,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--eval-only needs --checkpoint PATH")
         if args.checkpoint is not None and not args.eval_only:
             raise UserError("--checkpoint is read by --eval-only only; to continue training use --resume PATH")
+        if args.eval_only and args.resume is not None:
+            raise UserError("--eval-only evaluates --checkpoint PATH; it does not go with --resume")
         if args.resume is not None or args.eval_only:
             args = args_from_checkpoint(args, argv)
         args = resolve_args(args)
@@ -2101,7 +2107,8 @@ def main(argv: list[str] | None = None) -> int:
             train(args, argv)
         else:
             for index in range(args.num_seeds):  # seeds one after another, one run folder each
-                train(dataclasses.replace(args, seed=args.seed + index), argv)
+                # Each run folder's args are those of its one seed (num_seeds=1).
+                train(dataclasses.replace(args, seed=args.seed + index, num_seeds=1), argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -193,6 +193,7 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--vmin", "5", "--vmax", "1"], "need --vmin < --vmax and --num-bins >= 2, got --vmin 5.0, --vmax 1.0"),
         (["--seed", "3000000000"], "--seed must be in [-2**31, 2**31 - num_seeds], got 3000000000"),
         (["--checkpoint", "run/checkpoint.npz"], "--checkpoint is read by --eval-only only; to continue training use"),
+        (["--eval-only", "--checkpoint", "a.npz", "--resume", "b.npz"], "it does not go with --resume"),
         (["--resume", os.path.dirname(__file__)], "is a folder; give the checkpoint file, e.g."),
     ],
 )

@@ -110,13 +110,16 @@ def test_short_pickcube_run_logs_success_and_its_checkpoint_reloads(tmp_path, ca
     assert rt.main(["--resume", checkpoint, "--total-timesteps", "64", "--no-progress"]) == 0
     assert rt.read_checkpoint(checkpoint)["global_step"] == 64
 
-    # A run saved with many envs on the GPU simulator cannot go on with the CPU simulator's one.
+    # A run saved with many envs on the GPU simulator cannot go on with the CPU simulator's one,
+    # but it can be evaluated there (also where its sizes would not divide with one env).
     payload = torch.load(checkpoint, weights_only=True)
-    payload["args"].update(num_envs=8, device="auto")
+    payload["args"].update(num_envs=8, num_mini_batches=32, device="auto")
     torch.save(payload, checkpoint)
     capsys.readouterr()
     assert rt.main(["--resume", checkpoint, "--total-timesteps", "1024", "--device", "cpu"]) == 2
-    assert "the checkpoint ran 8 envs and this machine runs 1" in capsys.readouterr().err
+    assert "the checkpoint ran 8 envs on ManiSkill's GPU simulator" in capsys.readouterr().err
+    assert rt.main(["--eval-only", "--checkpoint", checkpoint, "--device", "cpu"]) == 0
+    assert "over 1 episodes" in capsys.readouterr().out
 
 
 def test_evaluation_leaves_the_training_randomness_alone():

@@ -194,7 +194,7 @@ def test_soft_lambda_returns_special_cases():
 @pytest.mark.parametrize("mean_scale", [1.0, 4.0])
 def test_policy_kl_is_zero_for_identical_policies(mean_scale):
     """Both log-probabilities at the same clipped sample (SPEC section 8): zero also where
-    most samples are clipped (means near +-4 with std 1 put |u| past atanh(1 - 1e-4) ~= 4.95)."""
+    samples are clipped (means near +-4 put ~8 % of the u past atanh(1 - 1e-4) ~= 4.95)."""
     rng = np.random.default_rng(3)
     mean = jnp.asarray(mean_scale * np.sign(rng.normal(size=(10, 4))) + rng.normal(size=(10, 4)) / mean_scale)
     std = jnp.asarray(rng.uniform(0.2, 1, size=(10, 4)))

@@ -113,7 +113,7 @@ def test_soft_lambda_returns_one_step_when_lambda_is_zero():
 @pytest.mark.parametrize("mean_scale", [1.0, 4.0])
 def test_policy_kl_is_zero_for_identical_policies(mean_scale):
     """Both log-probabilities at the same clipped sample (SPEC section 8): zero also where
-    most samples are clipped (means near +-4 with std 1 put |u| past atanh(1 - 1e-4) ~= 4.95)."""
+    samples are clipped (means near +-4 put ~8 % of the u past atanh(1 - 1e-4) ~= 4.95)."""
     rng = np.random.default_rng(3)
     mean = t(mean_scale * np.sign(rng.normal(size=(10, 4))) + rng.normal(size=(10, 4)) / mean_scale)
     std = t(rng.uniform(0.2, 1, size=(10, 4)))
