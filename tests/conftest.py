@@ -98,6 +98,8 @@ def interrupt_a_run(script, runs_dir, timeout=300, rows=2, twice=False, extra_ar
                 break
             time.sleep(0.2)
         assert process.poll() is None, "the run ended before it could be interrupted"
+        if twice:
+            time.sleep(2.0)  # the rows are written just before a chunk starts: be well inside it
         process.send_signal(signal.SIGINT)
         if twice:
             time.sleep(1.0)
