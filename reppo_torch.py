@@ -2001,12 +2001,13 @@ def train(args: Args, argv: list[str]) -> str:
             iteration_metrics = trainer.train_iteration()
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
             if warmed_up:
-                train_seconds += time.perf_counter() - start
+                train_seconds += seconds
                 train_steps += batch_size
             else:
-                logger.write(f"first iteration (warm-up) took {time.perf_counter() - start:.1f} s, not counted in SPS")
-            warmed_up = True
+                logger.write(f"first iteration (warm-up) took {seconds:.1f} s, not counted in SPS")
+                warmed_up = True
             bad = first_nonfinite(iteration_metrics)
             if bad is None and not parameters_finite(trainer):
                 bad = ["parameters"]  # finite losses, but the iteration's last update was not
