@@ -1134,12 +1134,41 @@ def load_checkpoint(path: str, template: TrainState) -> TrainState:
     return jax.tree.unflatten(treedef, [jnp.asarray(a, dtype=like.dtype) for a, like in zip(saved, leaves)])
 
 
+def start_wandb(args: Args, run_dir: str, run_name: str):
+    """--track: a wandb run named after the run folder (so a resumed run continues it), or a
+    UserError that says what to do: without wandb installed, or when wandb.init fails (online
+    mode with no API key raises its UsageError; no network, a CommError after its timeout)."""
+    try:
+        import wandb
+    except ImportError as error:
+        raise UserError(f"--track needs wandb ({error}): pip install wandb==0.31.0") from error
+    try:
+        return wandb.init(
+            project=args.wandb_project,
+            entity=args.wandb_entity,
+            name=run_name,
+            config=dataclasses.asdict(args),
+            mode=args.wandb_mode,
+            dir=run_dir,
+            resume="allow",
+            id=run_name.replace("/", "_"),
+        )
+    except Exception as error:  # wandb's own error classes; the user needs one message
+        raise UserError(
+            f"--track: wandb could not start the run ({type(error).__name__}: {error}). Log in once with "
+            "`wandb login` (or set WANDB_API_KEY), or add --wandb-mode offline and `wandb sync` the run "
+            "folder's wandb/ later"
+        ) from error
+
+
 class MetricsLogger:
     """metrics.csv (always), wandb (with --track) and a tqdm progress bar on stderr."""
 
     def __init__(
         self, args: Args, run_dir: str, run_name: str, start_step: int, end_step: int, metric_names: list[str]
     ):
+        # wandb first: a --track run that cannot start leaves metrics.csv as it was.
+        self.wandb = start_wandb(args, run_dir, run_name) if args.track else None
         self.path = os.path.join(run_dir, "metrics.csv")
         self.columns = ["global_step", "seed"] + sorted(set(metric_names) - {"seed"})
         kept = []
@@ -1152,20 +1181,6 @@ class MetricsLogger:
             writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
-        self.wandb = None
-        if args.track:
-            import wandb
-
-            self.wandb = wandb.init(
-                project=args.wandb_project,
-                entity=args.wandb_entity,
-                name=run_name,
-                config=dataclasses.asdict(args),
-                mode=args.wandb_mode,
-                dir=run_dir,
-                resume="allow",
-                id=run_name.replace("/", "_"),
-            )
         self.bar = None
         if args.progress:
             from tqdm import tqdm

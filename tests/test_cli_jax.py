@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import signal
+import sys
 
 import jax
 import numpy as np
@@ -144,6 +145,23 @@ def test_track_logs_a_wandb_run_offline(tmp_path):
     (record,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
     assert os.path.getsize(record) > 0 and os.path.basename(run_dir) in record  # the run's name is its wandb id
     assert [int(r["global_step"]) for r in read_metrics(run_dir)] == [0, 2 * BATCH]
+
+
+def test_track_that_cannot_start_says_what_to_do(tmp_path, monkeypatch, capsys):
+    """--track online with no wandb login, then without wandb installed: one clear message and
+    exit code 2 (no traceback), before metrics.csv is written."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc holding a key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    argv = [*TINY, "--total-timesteps", str(BATCH), "--runs-dir", str(tmp_path / "runs"), "--track"]
+    assert rj.main([*argv, "--wandb-mode", "online"]) == 2
+    err = capsys.readouterr().err
+    assert "--track: wandb could not start the run (UsageError" in err and "--wandb-mode offline" in err
+    assert "Traceback" not in err and not os.path.exists(os.path.join(only_run(tmp_path / "runs"), "metrics.csv"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
+    assert rj.main([*argv, "--wandb-mode", "offline"]) == 2
+    assert "--track needs wandb" in capsys.readouterr().err
 
 
 def test_resuming_a_finished_run_asks_for_more_steps(full_run, capsys):
