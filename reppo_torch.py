@@ -686,6 +686,31 @@ def check_maniskill_assets(env_id: str) -> None:
         )
 
 
+def enable_physx_gpu() -> None:
+    """ManiSkill's GPU simulator (physx_cuda) needs PhysX's GPU library, which is not in
+    SAPIEN's wheel: SAPIEN downloads it from the internet into ~/.sapien/physx/<version>/ the
+    first time a GPU scene is made. We ask for it here, before ``gym.make`` (which asks again,
+    a no-op once it is loaded), so that a machine without internet gets one message instead
+    of the download's traceback (seen on an offline GPU machine, session 15)."""
+    import sapien.physx
+
+    try:
+        sapien.physx.enable_gpu()
+    except Exception as error:  # requests' ConnectionError, a bad zip, libcuda missing, ...
+        folder = os.path.join(os.path.expanduser("~"), ".sapien", "physx", sapien.physx.version())
+        if os.path.exists(os.path.join(folder, "libPhysXGpu_64.so")):
+            where = f"it is in {folder} but did not load"
+        else:
+            where = (
+                f"SAPIEN fetches it from the internet at first use and that failed; its line above names the "
+                f"file to fetch on a machine with internet and unzip into {folder}"
+            )
+        raise UserError(
+            f"ManiSkill's GPU simulator needs PhysX's GPU library: {where} ({type(error).__name__}: {error}). "
+            "Or run on the CPU simulator with --device cpu (one env)"
+        ) from error
+
+
 class ManiSkillEnv:
     """N ManiSkill3 envs (state observations) with partial resets that hand back the true
     final observation, in ManiSkill's own vector wrapper:
@@ -702,6 +727,8 @@ class ManiSkillEnv:
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
         self.sim_backend = "physx_cuda" if device.type == "cuda" else "physx_cpu"
+        if self.sim_backend == "physx_cuda":
+            enable_physx_gpu()
         env = gym.make(
             args.env_id,
             num_envs=num_envs,

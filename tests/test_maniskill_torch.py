@@ -122,6 +122,27 @@ def test_short_pickcube_run_logs_success_and_its_checkpoint_reloads(tmp_path, ca
     assert "over 1 episodes" in capsys.readouterr().out
 
 
+def test_the_gpu_simulator_without_its_physx_library_says_what_to_do(tmp_path, monkeypatch):
+    """physx_cuda needs PhysX's GPU library, which SAPIEN downloads at first use; offline, the
+    download fails. The env asks for it before gym.make and turns that into one message (the
+    download is made to fail here, on a CPU machine; the env never gets to gym.make)."""
+    require_maniskill()
+    import requests
+    import sapien.physx
+
+    def offline():
+        raise requests.ConnectionError("Failed to resolve the host")
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no library downloaded earlier
+    monkeypatch.setattr(sapien.physx, "enable_gpu", offline)
+    args = rt.resolve_args(rt.Args(env_id="PickCube-v1", preset="cpu", device="cpu"))
+    with pytest.raises(rt.UserError) as error:
+        rt.ManiSkillEnv(args, 8, 0, torch.device("cuda"))  # a CUDA device: the GPU simulator
+    message = str(error.value)
+    assert "ManiSkill's GPU simulator needs PhysX's GPU library" in message and "--device cpu" in message
+    assert f"{tmp_path}/.sapien/physx/{sapien.physx.version()}" in message and "ConnectionError" in message
+
+
 def test_evaluation_leaves_the_training_randomness_alone():
     """ManiSkill draws a task's random initial state from the global torch generator when it
     resets without a seed, as the training env's partial resets do; evaluation resets with
