@@ -1413,8 +1413,6 @@ def train(args: Args, argv: list[str]) -> str:
             )
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         run_name = os.path.basename(run_dir)
-    else:
-        run_name, run_dir = make_run_dir(args)
 
     if jax.default_backend() == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
         # Measured with benchmarks/speed.py on a 2-core CPU (AMD EPYC): the paper setting on
@@ -1429,8 +1427,10 @@ def train(args: Args, argv: list[str]) -> str:
         )
 
     runner = Runner(args)
-    checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
     state = load_checkpoint(args.resume, runner.abstract_state()) if args.resume else runner.init()
+    if args.resume is None:  # a fresh run's folder, once its envs and networks could be built
+        run_name, run_dir = make_run_dir(args)
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
     write_args(args, run_dir, argv)  # once the run can start (a failed resume leaves it as it was)
     iteration = int(np.asarray(state.iteration)[0])
     first_chunk = chunk_length(iteration, num_iterations, args.log_interval)  # >= 1: checked above

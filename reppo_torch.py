@@ -729,15 +729,28 @@ class ManiSkillEnv:
         self.sim_backend = "physx_cuda" if device.type == "cuda" else "physx_cpu"
         if self.sim_backend == "physx_cuda":
             enable_physx_gpu()
-        env = gym.make(
-            args.env_id,
-            num_envs=num_envs,
-            obs_mode="state",
-            control_mode=args.control_mode,
-            sim_backend=self.sim_backend,
-            max_episode_steps=args.episode_length,
-            render_mode=None,
-        )
+        try:
+            env = gym.make(
+                args.env_id,
+                num_envs=num_envs,
+                obs_mode="state",
+                control_mode=args.control_mode,
+                sim_backend=self.sim_backend,
+                max_episode_steps=args.episode_length,
+                render_mode=None,
+            )
+        except RuntimeError as error:
+            # SAPIEN builds its renderer even for state observations (the tasks give their
+            # objects render materials; render_backend="none" fails there), and the renderer
+            # needs a Vulkan driver. Without one, SAPIEN's error names Vulkan or the device.
+            if not any(word in str(error) for word in ("vk::", "Vulkan", "rendering device")):
+                raise
+            raise UserError(
+                f"ManiSkill3 needs a Vulkan driver, also for state observations, and SAPIEN found none that "
+                f"works ({error}). On an NVIDIA machine: the driver's Vulkan ICD; on a machine without a GPU: "
+                "Mesa's lavapipe, version 24.3 or newer (Debian 12: `sudo bash .ci/install_vulkan.sh` from this "
+                "repository installs it from the backports suite). `vulkaninfo --summary` shows what is found"
+            ) from error
         self.env = ManiSkillVectorEnv(env, auto_reset=auto_reset, ignore_terminations=True, record_metrics=True)
         self.base = self.env.unwrapped
         self.num_envs = num_envs
@@ -1996,8 +2009,6 @@ def train(args: Args, argv: list[str]) -> str:
                 f"the checkpoint is at step {start_step:,}: --total-timesteps {args.total_timesteps:,} leaves "
                 "no iteration to run; give a larger --total-timesteps"
             )
-    else:
-        run_name, run_dir = make_run_dir(args)
     device = torch_device(args)
     if device.type == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
         # Measured with benchmarks/speed.py on a 2-core CPU (AMD EPYC): the paper setting on
@@ -2013,6 +2024,8 @@ def train(args: Args, argv: list[str]) -> str:
     trainer = Trainer(args, args.seed, device)
     if payload is not None:
         trainer.load_state_dict(payload["trainer"])
+    if args.resume is None:  # a fresh run's folder, once its envs and networks could be built
+        run_name, run_dir = make_run_dir(args)
     write_args(args, run_dir, device, argv)  # once the run can start (and --torch-threads is set)
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
     end_step = num_iterations * batch_size

@@ -34,15 +34,15 @@ def vulkan_problem() -> str | None:
     return None
 
 
-def require_maniskill():
-    """Skip without ManiSkill3 or Vulkan, saying how to enable the test; in CI (CI=true, which
-    .ci/run sets) fail instead, since CI installs both."""
+def require_maniskill(vulkan: bool = True):
+    """Skip without ManiSkill3 or (unless ``vulkan=False``) Vulkan, saying how to enable the
+    test; in CI (CI=true, which .ci/run sets) fail instead, since CI installs both."""
     try:
         import mani_skill  # noqa: F401
     except ImportError as error:
         problem = f"mani_skill does not import ({error}); pip install mani_skill==3.0.1"
     else:
-        problem = vulkan_problem()
+        problem = vulkan_problem() if vulkan else None
         if problem is not None:
             problem = (
                 f"ManiSkill3 tests need Vulkan: {problem}. Install the CPU driver (Mesa lavapipe >= 24.3) "
@@ -141,6 +141,21 @@ def test_the_gpu_simulator_without_its_physx_library_says_what_to_do(tmp_path, m
     message = str(error.value)
     assert "ManiSkill's GPU simulator needs PhysX's GPU library" in message and "--device cpu" in message
     assert f"{tmp_path}/.sapien/physx/{sapien.physx.version()}" in message and "ConnectionError" in message
+
+
+def test_without_a_vulkan_driver_the_run_says_what_to_install(tmp_path, monkeypatch):
+    """SAPIEN builds a renderer also for state observations; with no working Vulkan driver the
+    run stops with one message naming what to install, before any run folder is made. (The
+    driver is hidden: the Vulkan loader is pointed at a driver file that does not exist.)"""
+    require_maniskill(vulkan=False)
+    for name in ("VK_ICD_FILENAMES", "VK_DRIVER_FILES"):  # older and newer loaders' names
+        monkeypatch.setenv(name, str(tmp_path / "no_driver.json"))
+    runs = tmp_path / "runs"
+    argv = ["--env-id", "PickCube-v1", *TINY, "--total-timesteps", "48", "--runs-dir", str(runs)]
+    result = run_script("reppo_torch.py", *argv, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "ManiSkill3 needs a Vulkan driver" in result.stderr and "lavapipe" in result.stderr
+    assert "Traceback" not in result.stderr and not runs.exists()
 
 
 def test_evaluation_leaves_the_training_randomness_alone():
