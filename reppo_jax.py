@@ -1330,7 +1330,10 @@ def chunk_length(iteration: int, num_iterations: int, log_interval: int) -> int:
 def make_run_dir(args: Args) -> tuple[str, str]:
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as error:  # --runs-dir under a file, or where we may not write
+        raise UserError(f"cannot make the run folder {run_dir}: {error.strerror or error}") from error
     return run_name, run_dir
 
 

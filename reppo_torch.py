@@ -739,6 +739,10 @@ class ManiSkillEnv:
                 max_episode_steps=args.episode_length,
                 render_mode=None,
             )
+        except AssertionError as error:  # ManiSkill checks --control-mode with an assert
+            if "supported modes" not in str(error):
+                raise
+            raise UserError(f"--control-mode {error}") from error
         except RuntimeError as error:
             # SAPIEN builds its renderer even for state observations (the tasks give their
             # objects render materials; render_backend="none" fails there), and the renderer
@@ -1832,7 +1836,10 @@ def parameters_finite(trainer: Trainer) -> bool:
 def make_run_dir(args: Args) -> tuple[str, str]:
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as error:  # --runs-dir under a file, or where we may not write
+        raise UserError(f"cannot make the run folder {run_dir}: {error.strerror or error}") from error
     return run_name, run_dir
 
 

@@ -213,6 +213,7 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--checkpoint", "run/checkpoint.npz"], "--checkpoint is read by --eval-only only; to continue training use"),
         (["--eval-only", "--checkpoint", "a.npz", "--resume", "b.npz"], "it does not go with --resume"),
         (["--resume", os.path.dirname(__file__)], "is a folder; give the checkpoint file, e.g."),
+        ([*TINY, "--runs-dir", os.path.join(os.devnull, "runs")], "cannot make the run folder /dev/null/runs/"),
     ],
 )
 def test_bad_input_gives_a_clear_message_and_exit_code_2(argv, message, capsys):

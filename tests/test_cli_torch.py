@@ -215,6 +215,7 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--checkpoint", "run/checkpoint.pt"], "--checkpoint is read by --eval-only only; to continue training use"),
         (["--eval-only", "--checkpoint", "a.pt", "--resume", "b.pt"], "it does not go with --resume"),
         (["--resume", os.path.dirname(__file__)], "is a folder; give the checkpoint file, e.g."),
+        ([*TINY, "--runs-dir", os.path.join(os.devnull, "runs")], "cannot make the run folder /dev/null/runs/"),
         pytest.param(
             ["--cuda-graphs"],
             "--cuda-graphs needs a CUDA device",

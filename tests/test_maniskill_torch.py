@@ -158,6 +158,14 @@ def test_without_a_vulkan_driver_the_run_says_what_to_install(tmp_path, monkeypa
     assert "Traceback" not in result.stderr and not runs.exists()
 
 
+def test_an_unknown_control_mode_is_named_with_the_valid_ones(tmp_path, capsys):
+    require_maniskill()
+    argv = ["--env-id", "PickCube-v1", *TINY, "--control-mode", "pd_nonsense", "--runs-dir", str(tmp_path)]
+    assert rt.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--control-mode pd_nonsense not in supported modes: [" in err and "'pd_joint_delta_pos'" in err
+
+
 def test_evaluation_leaves_the_training_randomness_alone():
     """ManiSkill draws a task's random initial state from the global torch generator when it
     resets without a seed, as the training env's partial resets do; evaluation resets with
