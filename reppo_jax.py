@@ -236,6 +236,13 @@ def resolve_args(args: Args) -> Args:
         )
     if not -(2**31) <= args.seed <= 2**31 - args.num_seeds:  # JAX's int32 seeds
         raise UserError(f"--seed must be in [-2**31, 2**31 - num_seeds], got {args.seed}")
+    if args.impl == "warp" and args.num_seeds > 1:
+        # MuJoCo Warp's step checks that every leaf of its state is batched over the envs
+        # alone; vmapped over seeds as well, it raises a ValueError while compiling.
+        raise UserError(
+            "--impl warp runs one seed per process (MuJoCo Warp's state does not vmap over seeds): "
+            "run the seeds one by one, or use --impl jax with --num-seeds"
+        )
     if not 0.0 < args.gamma <= 1.0:
         raise UserError(f"--gamma must be in (0, 1], got {args.gamma}")
     if not 0.0 <= args.lmbda <= 1.0:
@@ -274,8 +281,9 @@ def make_env(env_id: str, impl: str, episode_length: int):
     Playground's DM Control tasks default to ``impl="warp"`` (MuJoCo Warp). We pick
     ``impl="jax"`` (MJX written in JAX) for 'auto' on every backend: it is 10-100x faster
     than warp on a CPU, it is the engine behind the paper's runs, and it composes with
-    ``jax.vmap`` over seeds and with our own auto-reset wrapper. On a GPU ``--impl warp`` may
-    be faster for contact-rich tasks; it is not tested here.
+    ``jax.vmap`` over seeds and with our own auto-reset wrapper. ``--impl warp`` works through
+    the wrapper (tests/test_env_jax.py: the same steps as MJX on CartpoleBalance); on a GPU it
+    may be faster for contact-rich tasks, which has not been measured here.
     """
     from mujoco_playground import registry
 
@@ -430,7 +438,12 @@ class AutoResetEnv:
 
 
 def _where_env(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
-    """``new`` for the envs flagged in ``mask`` (N,), ``old`` for the others; any leaf shape (N, ...)."""
+    """``new`` for the envs flagged in ``mask`` (N,), ``old`` for the others; any leaf shape (N, ...).
+    A leaf without the env axis is no env's own state: MuJoCo Warp (--impl warp) keeps its
+    contact buffers and their counters for the whole batch and fills them afresh at every
+    step, so the stepped ones are kept."""
+    if new.shape[:1] != mask.shape:
+        return new
     return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
 
 

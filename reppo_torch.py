@@ -380,7 +380,8 @@ def make_playground_env(env_id: str, impl: str, episode_length: int):
 
     Playground's DM Control tasks default to ``impl="warp"`` (MuJoCo Warp). We pick
     ``impl="jax"`` (MJX written in JAX) for 'auto', as reppo_jax.py does: it is 10-100x faster
-    than warp on a CPU and it is the engine behind the paper's runs.
+    than warp on a CPU and it is the engine behind the paper's runs. ``--impl warp`` works
+    through the bridge (tests/test_loop_torch.py: the same steps as MJX on CartpoleBalance).
     """
     from mujoco_playground import registry
 
@@ -473,6 +474,11 @@ def make_jax_auto_reset(env, num_envs: int, episode_length: int, auto_reset: boo
             pool, pool_fresh = refill_pool(pool, pool_fresh, done, key_reset)
 
             def where_done(new, old):
+                # A leaf without the env axis is no env's own state: MuJoCo Warp (--impl warp)
+                # keeps its contact buffers and their counters for the whole batch and fills
+                # them afresh at every step, so the stepped ones are kept.
+                if new.shape[:1] != done.shape:
+                    return new
                 return jnp.where(done.reshape(done.shape + (1,) * (new.ndim - 1)), new, old)
 
             physics = jax.tree.map(where_done, pool, stepped)

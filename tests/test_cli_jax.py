@@ -213,6 +213,7 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--checkpoint", "run/checkpoint.npz"], "--checkpoint is read by --eval-only only; to continue training use"),
         (["--eval-only", "--checkpoint", "a.npz", "--resume", "b.npz"], "it does not go with --resume"),
         (["--resume", os.path.dirname(__file__)], "is a folder; give the checkpoint file, e.g."),
+        (["--impl", "warp", "--num-seeds", "2"], "--impl warp runs one seed per process"),
         ([*TINY, "--runs-dir", os.path.join(os.devnull, "runs")], "cannot make the run folder /dev/null/runs/"),
     ],
 )
