@@ -219,6 +219,12 @@ def resolve_args(args: Args) -> Args:
     for name in positive + ["episode_length", "actor_hidden", "critic_hidden"]:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ["ent_start", "kl_start", "kl_bound", "max_grad_norm"]:  # alpha, beta: learned in log space
+        if not getattr(args, name) > 0:  # (a NaN fails too)
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ["learning_rate", "min_std", "aux_coef"]:  # 0: a frozen learner, no std floor, no aux loss
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if batch_size % args.num_mini_batches != 0:
         raise UserError(
             f"num_envs * num_steps = {args.num_envs} * {args.num_steps} = {batch_size} "

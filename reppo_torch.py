@@ -275,6 +275,14 @@ def resolve_args(args: Args) -> Args:
     for name in positive + ["episode_length", "actor_hidden", "critic_hidden"]:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ["ent_start", "kl_start", "kl_bound", "max_grad_norm"]:  # alpha, beta: learned in log space
+        if not getattr(args, name) > 0:  # (a NaN fails too)
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ["learning_rate", "min_std", "aux_coef"]:  # 0: a frozen learner, no std floor, no aux loss
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.torch_threads < 0:
+        raise UserError(f"--torch-threads must be >= 0 (0: PyTorch's default), got {args.torch_threads}")
     # The sizes of training (not checked for --eval-only: a ManiSkill checkpoint of many envs
     # evaluated without CUDA has num_envs forced to one above, and evaluation uses none of them).
     if batch_size % args.num_mini_batches != 0 and not args.eval_only:
