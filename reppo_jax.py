@@ -278,7 +278,8 @@ def unsupported_env_message(env_id: str) -> str:
             f"the DM Control suite only; those tasks also need their robot assets (MuJoCo "
             f"Menagerie) downloaded from the internet on first use. DM Control tasks: {valid}"
         )
-    return f"unknown --env-id '{env_id}'. Valid DM Control tasks: {valid}"
+    maniskill = " (ManiSkill3 tasks, named like PickCube-v1, run in reppo_torch.py)" if "-v" in env_id else ""
+    return f"unknown --env-id '{env_id}'{maniskill}. Valid DM Control tasks: {valid}"
 
 
 def make_env(env_id: str, impl: str, episode_length: int):

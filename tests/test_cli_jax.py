@@ -208,6 +208,7 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--total-timesteps", "10"], "smaller than one iteration"),
         (["--gamma", "0"], "--gamma must be in (0, 1], got 0.0"),
         (["--lmbda", "1.5"], "--lmbda must be in [0, 1], got 1.5"),
+        (["--env-id", "PickCube-v1"], "(ManiSkill3 tasks, named like PickCube-v1, run in reppo_torch.py)"),
         (["--ent-start", "0"], "--ent-start must be > 0, got 0.0"),
         (["--learning-rate", "-1"], "--learning-rate must be >= 0, got -1.0"),
         (["--vmin", "5", "--vmax", "1"], "need --vmin < --vmax and --num-bins >= 2, got --vmin 5.0, --vmax 1.0"),
