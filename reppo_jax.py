@@ -44,8 +44,10 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -219,7 +221,8 @@ def resolve_args(args: Args) -> Args:
     for name in positive + ["episode_length", "actor_hidden", "critic_hidden"]:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ["ent_start", "kl_start", "kl_bound", "max_grad_norm"]:  # alpha, beta: learned in log space
+    # alpha and beta are learned in log space, so they start above 0.
+    for name in ["ent_start", "kl_start", "kl_bound", "max_grad_norm"]:
         if not getattr(args, name) > 0:  # (a NaN fails too)
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ["learning_rate", "min_std", "aux_coef"]:  # 0: a frozen learner, no std floor, no aux loss
@@ -278,7 +281,9 @@ def unsupported_env_message(env_id: str) -> str:
             f"the DM Control suite only; those tasks also need their robot assets (MuJoCo "
             f"Menagerie) downloaded from the internet on first use. DM Control tasks: {valid}"
         )
-    maniskill = " (ManiSkill3 tasks, named like PickCube-v1, run in reppo_torch.py)" if "-v" in env_id else ""
+    maniskill = ""
+    if re.search(r"-v\d+$", env_id):
+        maniskill = " (ManiSkill3 tasks, named like PickCube-v1, run in reppo_torch.py)"
     return f"unknown --env-id '{env_id}'{maniskill}. Valid DM Control tasks: {valid}"
 
 
@@ -448,9 +453,11 @@ def _where_env(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
     """``new`` for the envs flagged in ``mask`` (N,), ``old`` for the others; any leaf shape (N, ...).
     A leaf without the env axis is no env's own state: MuJoCo Warp (--impl warp) keeps its
     contact buffers and their counters for the whole batch and fills them afresh at every
-    step, so the stepped ones are kept."""
+    step, so ``old`` (the stepped state's) is kept, as MJX's own ``Data.where`` does. (A
+    buffer whose length happens to be N is mixed row by row instead; refilled at the next
+    step all the same.)"""
     if new.shape[:1] != mask.shape:
-        return new
+        return old
     return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
 
 
@@ -1157,38 +1164,41 @@ def load_checkpoint(path: str, template: TrainState) -> TrainState:
 def start_wandb(args: Args, run_dir: str, run_name: str):
     """--track: a wandb run named after the run folder (so a resumed run continues it), or a
     UserError that says what to do: without wandb installed, or when wandb.init fails (online
-    mode with no API key raises its UsageError; no network, a CommError after its timeout)."""
+    mode with no API key raises its UsageError; no network, a CommError after its timeout).
+    Started before args.json is written, so that a run that cannot start changes nothing; a
+    fresh run's folder, made just before, is removed again."""
     try:
         import wandb
     except ImportError as error:
-        raise UserError(f"--track needs wandb ({error}): pip install wandb==0.31.0") from error
-    try:
-        return wandb.init(
-            project=args.wandb_project,
-            entity=args.wandb_entity,
-            name=run_name,
-            config=dataclasses.asdict(args),
-            mode=args.wandb_mode,
-            dir=run_dir,
-            resume="allow",
-            id=run_name.replace("/", "_"),
-        )
-    except Exception as error:  # wandb's own error classes; the user needs one message
-        raise UserError(
-            f"--track: wandb could not start the run ({type(error).__name__}: {error}). Log in once with "
-            "`wandb login` (or set WANDB_API_KEY), or add --wandb-mode offline and `wandb sync` the run "
-            "folder's wandb/ later"
-        ) from error
+        problem = f"--track needs wandb ({error}): pip install wandb==0.31.0"
+    else:
+        try:
+            return wandb.init(
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=run_name,
+                config=dataclasses.asdict(args),
+                mode=args.wandb_mode,
+                dir=run_dir,
+                resume="allow",
+                id=run_name.replace("/", "_"),
+            )
+        except Exception as error:  # wandb's own error classes; the user needs one message
+            login = "log in once with `wandb login` (or set WANDB_API_KEY), or " if "API key" in str(error) else ""
+            problem = (
+                f"--track: wandb could not start the run ({type(error).__name__}: {error}); {login}add "
+                "--wandb-mode offline to write the run locally and `wandb sync` it later"
+            )
+    if args.resume is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    raise UserError(problem)
 
 
 class MetricsLogger:
     """metrics.csv (always), wandb (with --track) and a tqdm progress bar on stderr."""
 
-    def __init__(
-        self, args: Args, run_dir: str, run_name: str, start_step: int, end_step: int, metric_names: list[str]
-    ):
-        # wandb first: a --track run that cannot start leaves metrics.csv as it was.
-        self.wandb = start_wandb(args, run_dir, run_name) if args.track else None
+    def __init__(self, args: Args, run_dir: str, start_step: int, end_step: int, metric_names: list[str], wandb_run):
+        self.wandb = wandb_run  # start_wandb's run, or None without --track
         self.path = os.path.join(run_dir, "metrics.csv")
         self.columns = ["global_step", "seed"] + sorted(set(metric_names) - {"seed"})
         kept = []
@@ -1351,7 +1361,12 @@ def make_run_dir(args: Args) -> tuple[str, str]:
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name)
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(run_dir)
+    except FileExistsError as error:  # never two runs in one folder (their metrics.csv would mix)
+        raise UserError(
+            f"the run folder {run_dir} exists already (a run of the same task, --exp-name and --seed started "
+            "in the same second): start again"
+        ) from error
     except OSError as error:  # --runs-dir under a file, or where we may not write
         raise UserError(f"cannot make the run folder {run_dir}: {error.strerror or error}") from error
     return run_name, run_dir
@@ -1453,12 +1468,13 @@ def train(args: Args, argv: list[str]) -> str:
     state = load_checkpoint(args.resume, runner.abstract_state()) if args.resume else runner.init()
     if args.resume is None:  # a fresh run's folder, once its envs and networks could be built
         run_name, run_dir = make_run_dir(args)
+    wandb_run = start_wandb(args, run_dir, run_name) if args.track else None
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
     write_args(args, run_dir, argv)  # once the run can start (a failed resume leaves it as it was)
     iteration = int(np.asarray(state.iteration)[0])
     first_chunk = chunk_length(iteration, num_iterations, args.log_interval)  # >= 1: checked above
     end_step = num_iterations * batch_size
-    logger = MetricsLogger(args, run_dir, run_name, start_step, end_step, runner.metric_names(state, first_chunk))
+    logger = MetricsLogger(args, run_dir, start_step, end_step, runner.metric_names(state, first_chunk), wandb_run)
     logger.write(f"run folder: {run_dir}")
 
     train_seconds = 0.0

@@ -52,6 +52,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -275,7 +276,8 @@ def resolve_args(args: Args) -> Args:
     for name in positive + ["episode_length", "actor_hidden", "critic_hidden"]:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ["ent_start", "kl_start", "kl_bound", "max_grad_norm"]:  # alpha, beta: learned in log space
+    # alpha and beta are learned in log space, so they start above 0.
+    for name in ["ent_start", "kl_start", "kl_bound", "max_grad_norm"]:
         if not getattr(args, name) > 0:  # (a NaN fails too)
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ["learning_rate", "min_std", "aux_coef"]:  # 0: a frozen learner, no std floor, no aux loss
@@ -389,7 +391,7 @@ def make_playground_env(env_id: str, impl: str, episode_length: int):
     Playground's DM Control tasks default to ``impl="warp"`` (MuJoCo Warp). We pick
     ``impl="jax"`` (MJX written in JAX) for 'auto', as reppo_jax.py does: it is 10-100x faster
     than warp on a CPU and it is the engine behind the paper's runs. ``--impl warp`` works
-    through the bridge (tests/test_loop_torch.py: the same steps as MJX on CartpoleBalance).
+    through the bridge (tests/test_parity.py: the same steps as MJX on CartpoleBalance).
     """
     from mujoco_playground import registry
 
@@ -484,9 +486,11 @@ def make_jax_auto_reset(env, num_envs: int, episode_length: int, auto_reset: boo
             def where_done(new, old):
                 # A leaf without the env axis is no env's own state: MuJoCo Warp (--impl warp)
                 # keeps its contact buffers and their counters for the whole batch and fills
-                # them afresh at every step, so the stepped ones are kept.
+                # them afresh at every step, so ``old`` (the stepped state's) is kept, as MJX's
+                # own ``Data.where`` does. (A buffer whose length happens to be N is mixed row
+                # by row instead; refilled at the next step all the same.)
                 if new.shape[:1] != done.shape:
-                    return new
+                    return old
                 return jnp.where(done.reshape(done.shape + (1,) * (new.ndim - 1)), new, old)
 
             physics = jax.tree.map(where_done, pool, stepped)
@@ -705,7 +709,8 @@ def enable_physx_gpu() -> None:
     SAPIEN's wheel: SAPIEN downloads it from the internet into ~/.sapien/physx/<version>/ the
     first time a GPU scene is made. We ask for it here, before ``gym.make`` (which asks again,
     a no-op once it is loaded), so that a machine without internet gets one message instead
-    of the download's traceback (seen on an offline GPU machine, session 15)."""
+    of the download's traceback. (Not seen on a GPU: the one lent in session 15 reached nothing
+    outside and could not carry SAPIEN; the test makes the download fail.)"""
     import sapien.physx
 
     try:
@@ -716,8 +721,9 @@ def enable_physx_gpu() -> None:
             where = f"it is in {folder} but did not load"
         else:
             where = (
-                f"SAPIEN fetches it from the internet at first use and that failed; its line above names the "
-                f"file to fetch on a machine with internet and unzip into {folder}"
+                f"SAPIEN fetches it from the internet at first use and that failed; fetch it on a machine with "
+                f"internet (the address is in the line SAPIEN printed on stdout, or in sapien/physx/__init__.py) "
+                f"and unzip it into {folder}"
             )
         raise UserError(
             f"ManiSkill's GPU simulator needs PhysX's GPU library: {where} ({type(error).__name__}: {error}). "
@@ -1747,38 +1753,41 @@ def read_checkpoint(path: str) -> dict:
 def start_wandb(args: Args, run_dir: str, run_name: str):
     """--track: a wandb run named after the run folder (so a resumed run continues it), or a
     UserError that says what to do: without wandb installed, or when wandb.init fails (online
-    mode with no API key raises its UsageError; no network, a CommError after its timeout)."""
+    mode with no API key raises its UsageError; no network, a CommError after its timeout).
+    Started before args.json is written, so that a run that cannot start changes nothing; a
+    fresh run's folder, made just before, is removed again."""
     try:
         import wandb
     except ImportError as error:
-        raise UserError(f"--track needs wandb ({error}): pip install wandb==0.31.0") from error
-    try:
-        return wandb.init(
-            project=args.wandb_project,
-            entity=args.wandb_entity,
-            name=run_name,
-            config=dataclasses.asdict(args),
-            mode=args.wandb_mode,
-            dir=run_dir,
-            resume="allow",
-            id=run_name.replace("/", "_"),
-        )
-    except Exception as error:  # wandb's own error classes; the user needs one message
-        raise UserError(
-            f"--track: wandb could not start the run ({type(error).__name__}: {error}). Log in once with "
-            "`wandb login` (or set WANDB_API_KEY), or add --wandb-mode offline and `wandb sync` the run "
-            "folder's wandb/ later"
-        ) from error
+        problem = f"--track needs wandb ({error}): pip install wandb==0.31.0"
+    else:
+        try:
+            return wandb.init(
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=run_name,
+                config=dataclasses.asdict(args),
+                mode=args.wandb_mode,
+                dir=run_dir,
+                resume="allow",
+                id=run_name.replace("/", "_"),
+            )
+        except Exception as error:  # wandb's own error classes; the user needs one message
+            login = "log in once with `wandb login` (or set WANDB_API_KEY), or " if "API key" in str(error) else ""
+            problem = (
+                f"--track: wandb could not start the run ({type(error).__name__}: {error}); {login}add "
+                "--wandb-mode offline to write the run locally and `wandb sync` it later"
+            )
+    if args.resume is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    raise UserError(problem)
 
 
 class MetricsLogger:
     """metrics.csv (always), wandb (with --track) and a tqdm progress bar on stderr."""
 
-    def __init__(
-        self, args: Args, run_dir: str, run_name: str, start_step: int, end_step: int, metric_names: list[str]
-    ):
-        # wandb first: a --track run that cannot start leaves metrics.csv as it was.
-        self.wandb = start_wandb(args, run_dir, run_name) if args.track else None
+    def __init__(self, args: Args, run_dir: str, start_step: int, end_step: int, metric_names: list[str], wandb_run):
+        self.wandb = wandb_run  # start_wandb's run, or None without --track
         self.path = os.path.join(run_dir, "metrics.csv")
         self.columns = ["global_step", "seed"] + sorted(set(metric_names) - {"seed"})
         kept = []
@@ -1851,7 +1860,12 @@ def make_run_dir(args: Args) -> tuple[str, str]:
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name)
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(run_dir)
+    except FileExistsError as error:  # never two runs in one folder (their metrics.csv would mix)
+        raise UserError(
+            f"the run folder {run_dir} exists already (a run of the same task, --exp-name and --seed started "
+            "in the same second): start again"
+        ) from error
     except OSError as error:  # --runs-dir under a file, or where we may not write
         raise UserError(f"cannot make the run folder {run_dir}: {error.strerror or error}") from error
     return run_name, run_dir
@@ -2043,14 +2057,19 @@ def train(args: Args, argv: list[str]) -> str:
             file=sys.stderr,
         )
     trainer = Trainer(args, args.seed, device)
-    if payload is not None:
-        trainer.load_state_dict(payload["trainer"])
-    if args.resume is None:  # a fresh run's folder, once its envs and networks could be built
-        run_name, run_dir = make_run_dir(args)
-    write_args(args, run_dir, device, argv)  # once the run can start (and --torch-threads is set)
+    try:  # a run that cannot start closes its simulators again
+        if payload is not None:
+            trainer.load_state_dict(payload["trainer"])
+        if args.resume is None:  # a fresh run's folder, once its envs and networks could be built
+            run_name, run_dir = make_run_dir(args)
+        wandb_run = start_wandb(args, run_dir, run_name) if args.track else None
+        write_args(args, run_dir, device, argv)  # once the run can start (and --torch-threads is set)
+        end_step = num_iterations * batch_size
+        logger = MetricsLogger(args, run_dir, start_step, end_step, metric_names(trainer), wandb_run)
+    except BaseException:
+        trainer.close()
+        raise
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
-    end_step = num_iterations * batch_size
-    logger = MetricsLogger(args, run_dir, run_name, start_step, end_step, metric_names(trainer))
     logger.write(f"run folder: {run_dir}")
     logger.write(describe_device(args, trainer, device))
 

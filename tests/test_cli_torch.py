@@ -2,6 +2,7 @@
 (the same checks as tests/test_cli_jax.py, on the Playground bridge)."""
 
 import glob
+import io
 import json
 import os
 import shlex
@@ -144,19 +145,21 @@ def test_track_logs_a_wandb_run_offline(tmp_path):
 
 def test_track_that_cannot_start_says_what_to_do(tmp_path, monkeypatch, capsys):
     """--track online with no wandb login, then without wandb installed: one clear message and
-    exit code 2 (no traceback), before metrics.csv is written."""
-    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+    exit code 2 (no traceback), and the fresh run's folder is removed again."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ANONYMOUS", "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc holding a key
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
-    argv = [*TINY, "--total-timesteps", str(BATCH), "--runs-dir", str(tmp_path / "runs"), "--track"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO())  # no terminal: wandb raises instead of asking for a key
+    runs = tmp_path / "runs"
+    argv = [*TINY, "--total-timesteps", str(BATCH), "--runs-dir", str(runs), "--track"]
     assert rt.main([*argv, "--wandb-mode", "online"]) == 2
     err = capsys.readouterr().err
-    assert "--track: wandb could not start the run (UsageError" in err and "--wandb-mode offline" in err
-    assert "Traceback" not in err and not os.path.exists(os.path.join(only_run(tmp_path / "runs"), "metrics.csv"))
+    assert "--track: wandb could not start the run (UsageError" in err and "`wandb login`" in err
+    assert "--wandb-mode offline" in err and "Traceback" not in err and os.listdir(runs) == []
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
     assert rt.main([*argv, "--wandb-mode", "offline"]) == 2
-    assert "--track needs wandb" in capsys.readouterr().err
+    assert "--track needs wandb" in capsys.readouterr().err and os.listdir(runs) == []
 
 
 def test_resuming_a_finished_run_asks_for_more_steps(full_run, capsys):

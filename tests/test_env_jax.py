@@ -223,3 +223,14 @@ def test_mujoco_warp_steps_through_the_wrapper_as_mjx_does(reset, step):
             np.testing.assert_allclose(getattr(warp_result, name), value, rtol=1e-5, atol=1e-5, err_msg=name)
         ended += int(np.asarray(warp_result.truncated).sum())
     assert ended == 3 * NUM_ENVS  # every env ended (and restarted) three times
+
+
+def test_a_leaf_without_the_env_axis_is_taken_from_the_stepped_state():
+    """_where_env(done, pool, stepped): per-env leaves (N, ...) mix the two by ``done``; a leaf
+    without the env axis (MuJoCo Warp's contact buffers, refilled at every step) is the
+    stepped one, as in MJX's own Data.where."""
+    done = jnp.array([True, False, True, False])
+    pool, stepped = jnp.ones((4, 2)), jnp.zeros((4, 2))
+    np.testing.assert_array_equal(rj._where_env(done, pool, stepped), [[1, 1], [0, 0], [1, 1], [0, 0]])
+    contacts_pool, contacts_stepped = jnp.ones((7, 3)), jnp.zeros((7, 3))
+    np.testing.assert_array_equal(rj._where_env(done, contacts_pool, contacts_stepped), contacts_stepped)

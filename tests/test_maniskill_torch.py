@@ -126,7 +126,7 @@ def test_the_gpu_simulator_without_its_physx_library_says_what_to_do(tmp_path, m
     """physx_cuda needs PhysX's GPU library, which SAPIEN downloads at first use; offline, the
     download fails. The env asks for it before gym.make and turns that into one message (the
     download is made to fail here, on a CPU machine; the env never gets to gym.make)."""
-    require_maniskill()
+    require_maniskill(vulkan=False)
     import requests
     import sapien.physx
 
@@ -164,6 +164,7 @@ def test_an_unknown_control_mode_is_named_with_the_valid_ones(tmp_path, capsys):
     assert rt.main(argv) == 2
     err = capsys.readouterr().err
     assert "--control-mode pd_nonsense not in supported modes: [" in err and "'pd_joint_delta_pos'" in err
+    assert os.listdir(tmp_path) == []  # no run folder
 
 
 def test_evaluation_leaves_the_training_randomness_alone():
