@@ -2130,9 +2130,12 @@ def train(args: Args, argv: list[str]) -> str:
                 if args.save_model:
                     save_checkpoint(checkpoint_path, trainer, args, global_step)
         stop_if_interrupted(interrupted)  # a Ctrl-C in the last iteration still gets its checkpoint
+        speed = "SPS not measured (only the warm-up iteration ran)"
+        if not math.isnan(sps):
+            speed = f"SPS {sps:,.0f} (after the first, warm-up iteration)"
         logger.write(
-            f"done: {iteration * batch_size:,} steps, final eval return {eval_return:.1f}, "
-            f"SPS {sps:,.0f} (after the first, warm-up iteration), peak RSS {peak_rss_mb():,.0f} MiB"
+            f"done: {iteration * batch_size:,} steps, final eval return {eval_return:.1f}, {speed}, "
+            f"peak RSS {peak_rss_mb():,.0f} MiB"
         )
     except KeyboardInterrupt:
         if interrupted["clean"]:
