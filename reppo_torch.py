@@ -758,6 +758,9 @@ class ManiSkillEnv:
                 sim_backend=self.sim_backend,
                 max_episode_steps=args.episode_length,
                 render_mode=None,
+                # SAPIEN's renderer (built even for state observations) on the CPU where there is no
+                # CUDA: ManiSkill's default asks for a CUDA one, and warns when it falls back.
+                render_backend="gpu" if torch.cuda.is_available() else "cpu",
             )
         except AssertionError as error:  # ManiSkill checks --control-mode with an assert
             if "supported modes" not in str(error):
