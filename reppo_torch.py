@@ -332,7 +332,7 @@ class StepResult(NamedTuple):
     final_obs: torch.Tensor  # the TRUE observation after this action, even where one ended
     reward: torch.Tensor
     terminated: torch.Tensor  # float 0/1: a real terminal state, no bootstrap
-    truncated: torch.Tensor  # float 0/1: time limit, bootstrap from final_obs
+    truncated: torch.Tensor  # float 0/1: time limit (ManiSkill: also success), bootstrap from final_obs
     episode_done: torch.Tensor  # bool: a complete episode (started from a reset) ended here
     episode_return: torch.Tensor  # its return (valid where episode_done)
     episode_length: torch.Tensor  # its length (valid where episode_done)
@@ -734,10 +734,18 @@ def enable_physx_gpu() -> None:
 class ManiSkillEnv:
     """N ManiSkill3 envs (state observations) with partial resets that hand back the true
     final observation, in ManiSkill's own vector wrapper:
-    ``ManiSkillVectorEnv(auto_reset, ignore_terminations=True, record_metrics=True)``
-    (``auto_reset=False`` for the evaluation envs, which every evaluation round resets).
-    ``ignore_terminations``: success does not end an episode, only the time limit does
-    (SPEC section 11), so every done step is a truncation (bootstrapped)."""
+    ``ManiSkillVectorEnv(auto_reset, ignore_terminations=not auto_reset, record_metrics=True)``.
+
+    The authors' setting (their ``partial_reset: true`` for training, ``eval_partial_reset:
+    false`` for evaluation; SPEC section 11):
+    - training envs (``auto_reset=True``): an episode ends at the time limit OR when the
+      task terminates it (success; a failure, for tasks that define one), and that env alone
+      is reset. Every episode end is bootstrapped as a truncation from the true final
+      observation: ManiSkill's "terminated" marks a reached goal, not a state without a
+      future, and the authors treat it so (their ``truncated = terminated | truncated``).
+    - evaluation envs (``auto_reset=False``, reset by every evaluation round): terminations
+      are ignored, so each episode runs the full episode_length and ``success_at_end`` means
+      "still successful at the last step"."""
 
     suite = "maniskill"
 
@@ -778,7 +786,9 @@ class ManiSkillEnv:
                 "Mesa's lavapipe, version 24.3 or newer (Debian 12: `sudo bash .ci/install_vulkan.sh` from this "
                 "repository installs it from the backports suite). `vulkaninfo --summary` shows what is found"
             ) from error
-        self.env = ManiSkillVectorEnv(env, auto_reset=auto_reset, ignore_terminations=True, record_metrics=True)
+        self.env = ManiSkillVectorEnv(
+            env, auto_reset=auto_reset, ignore_terminations=not auto_reset, record_metrics=True
+        )
         self.base = self.env.unwrapped
         self.num_envs = num_envs
         self.device = device
@@ -805,8 +815,8 @@ class ManiSkillEnv:
         return obs.to(self.device, torch.float32)
 
     def step(self, action: torch.Tensor) -> StepResult:
-        obs, reward, _, truncated, info = self.env.step(action.to(self.base.device))
-        done = truncated.to(self.device).bool()
+        obs, reward, terminated, truncated, info = self.env.step(action.to(self.base.device))
+        done = (terminated | truncated).to(self.device).bool()  # terminated is all False in evaluation
         if "final_observation" in info:
             # IMPLEMENTATION DETAIL 5: the wrapper already reset the finished envs; their
             # true last observation is in info["final_observation"] (all N rows, taken
@@ -826,7 +836,7 @@ class ManiSkillEnv:
             next_obs=obs.to(self.device, torch.float32),
             final_obs=final_obs.to(self.device, torch.float32),
             reward=reward.to(self.device, torch.float32).reshape(n),
-            terminated=zeros,  # episodes end only by the time limit (ignore_terminations)
+            terminated=zeros,  # every episode end, success included, is bootstrapped (class docstring)
             truncated=done.float(),
             episode_done=done & self.from_reset,
             episode_return=field("return"),

@@ -69,9 +69,6 @@ def test_partial_reset_hands_back_the_true_final_observation():
     env = rt.ManiSkillEnv(args, 1, seed=0, device=torch.device("cpu"))
     obs = env.reset(randomize_steps=False)
     assert obs.shape == (1, env.obs_size) and env.action_size == 8
-    # Success never ends an episode, only the time limit does (SPEC section 11); the wrapper
-    # reports terminated = 0 on that promise, so check that the promise is configured.
-    assert env.env.ignore_terminations
     action = torch.full((1, 8), 0.5)
     for t in range(5):
         step = env.step(action)
@@ -82,6 +79,44 @@ def test_partial_reset_hands_back_the_true_final_observation():
     assert step.episode_done[0] and step.episode_length[0] == 5
     assert float(step.success_once[0]) in (0.0, 1.0) and float(step.success_at_end[0]) in (0.0, 1.0)
     env.close()
+
+
+def force_success_at(env, step: int) -> None:
+    """Make the task report success (and nothing else) exactly at elapsed step ``step``."""
+    evaluate = env.base.evaluate
+
+    def evaluate_with_success():
+        info = evaluate()
+        info["success"] = env.base.elapsed_steps == step
+        info.pop("fail", None)
+        return info
+
+    env.base.evaluate = evaluate_with_success
+
+
+def test_success_ends_a_training_episode_as_a_bootstrapped_truncation_but_not_an_evaluation_one():
+    """The authors' setting (SPEC section 11): in training, a task's termination (success) ends
+    the episode and resets that env, and the step is bootstrapped from its true final
+    observation (truncated, never terminated); evaluation episodes run the full length."""
+    require_maniskill()
+    args = rt.resolve_args(rt.Args(env_id="PushCube-v1", episode_length=8, gamma=0.9, num_envs=1, num_steps=16))
+    action = torch.full((1, 8), 0.5)
+    for auto_reset in (True, False):
+        env = rt.ManiSkillEnv(args, 1, seed=0, device=torch.device("cpu"), auto_reset=auto_reset)
+        env.reset(randomize_steps=False)
+        force_success_at(env, 3)
+        steps = [env.step(action) for _ in range(8)]
+        env.close()
+        ends = [t for t, step in enumerate(steps) if step.truncated[0]]
+        assert all(float(step.terminated[0]) == 0.0 for step in steps)
+        if auto_reset:  # training: success at step 3 (t = 2) ends the episode; the next one runs on
+            assert ends[0] == 2 and steps[2].episode_done[0] and steps[2].episode_length[0] == 3
+            assert steps[2].success_once[0] == 1.0
+            assert not torch.allclose(steps[2].final_obs, steps[2].next_obs)  # reset after the true last obs
+            assert torch.equal(steps[1].final_obs, steps[1].next_obs)
+        else:  # evaluation: the success is recorded and the episode runs on to the time limit
+            assert ends == [7] and steps[7].episode_length[0] == 8
+            assert steps[7].success_once[0] == 1.0 and steps[7].success_at_end[0] == 0.0
 
 
 def test_short_pickcube_run_logs_success_and_its_checkpoint_reloads(tmp_path, capsys):
