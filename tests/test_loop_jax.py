@@ -1,6 +1,8 @@
-"""The learning phase of reppo_jax.py's iteration (SPEC sections 3 and 8): every actor loss
-of one iteration sees pi_old as the policy that collected the batch (not the actor being
-trained), and every critic loss the same targets in every epoch (computed once per iteration).
+"""The iteration of reppo_jax.py around the math (SPEC sections 3, 6, 8 and 9): every actor
+loss of one iteration sees pi_old as the policy that collected the batch (not the actor being
+trained), and every critic loss the same targets in every epoch (computed once per iteration);
+collection's bootstraps (against a float64 reference) feed the targets; the optimisers, the
+clipping and the entropy target are SPEC section 9's.
 
 The iteration is one jitted function, so the losses' inputs are sent back to Python with
 ordered host callbacks; the twin of tests/test_loop_torch.py."""
@@ -117,13 +119,15 @@ def test_collection_bootstraps_from_the_true_final_observation_and_keeps_its_nor
         jax.debug.callback(record(steps), *fields, ordered=True)
         return env_state, result
 
-    def recording_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, *rest):
-        jax.debug.callback(record(bootstraps), final_obs, reward, terminated, ordered=True)
-        return real_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, *rest)
+    def recording_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, noise, gamma, *rest):
+        out = real_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, noise, gamma, *rest)
+        jax.debug.callback(record(bootstraps), final_obs, reward, terminated, alpha, gamma, *out[:2], ordered=True)
+        return out
 
-    def recording_returns(soft_reward, next_value, terminated, truncated, *rest):
-        jax.debug.callback(record(returns_inputs), terminated, truncated, ordered=True)
-        return real_returns(soft_reward, next_value, terminated, truncated, *rest)
+    def recording_returns(soft_reward, next_value, terminated, truncated, gamma, lmbda):
+        jax.debug.callback(record(returns_inputs), terminated, truncated, soft_reward, next_value, ordered=True)
+        returns_inputs.append((gamma, lmbda))  # Python floats, seen at trace time
+        return real_returns(soft_reward, next_value, terminated, truncated, gamma, lmbda)
 
     def recording_critic_loss(critic, obs, *rest):
         jax.debug.callback(lambda x: critic_obs.append(np.asarray(x)), obs, ordered=True)
@@ -136,18 +140,97 @@ def test_collection_bootstraps_from_the_true_final_observation_and_keeps_its_nor
     new_state, _ = jax.jit(rj.make_agent(args, env).train_chunk, static_argnums=1)(state, 1)
     jax.effects_barrier()
 
-    assert len(steps) == len(bootstraps) == args.num_steps and len(returns_inputs) == 1
+    assert len(steps) == len(bootstraps) == args.num_steps and len(returns_inputs) == 2
     assert any(not np.array_equal(final_obs, next_obs) for final_obs, next_obs, *_ in steps)
+    alpha_at_collection = np.exp(np.asarray(state.log_alpha))  # the learning phase then changes it
     for (final_obs, _, reward, terminated, _), bootstrapped in zip(steps, bootstraps):
         for expected, got in zip((final_obs, reward, terminated), bootstrapped):
             np.testing.assert_array_equal(got, expected)
-    terminated, truncated = returns_inputs[0]
+        np.testing.assert_allclose(bootstrapped[3], alpha_at_collection, rtol=1e-6)
+        assert float(bootstrapped[4]) == np.float32(args.gamma)
+    (gamma, lmbda), (terminated, truncated, soft_reward, next_value) = returns_inputs  # trace, then run
     assert terminated.sum() > 0 and truncated.sum() > 0  # both kinds of episode end occur
     np.testing.assert_array_equal(terminated, np.stack([s[3] for s in steps]))
     np.testing.assert_array_equal(truncated, np.stack([s[4] for s in steps]))
+    # The targets are built from the bootstraps' soft rewards and values, with gamma and lambda.
+    np.testing.assert_array_equal(soft_reward, np.stack([b[5] for b in bootstraps]))
+    np.testing.assert_array_equal(next_value, np.stack([b[6] for b in bootstraps]))
+    assert not np.array_equal(soft_reward, np.stack([s[2] for s in steps]))  # the entropy term is there
+    assert (gamma, lmbda) == (args.gamma, args.lmbda) and gamma != lmbda
     # s_t: the first observation, then each step's next_obs; normalised as during collection.
     raw_obs = np.concatenate([np.asarray(state.env.obs)] + [s[1] for s in steps[:-1]])  # (T N, O), t-major
     collected = np.asarray(rj.normalize(state.normalizer, raw_obs))
     assert not np.allclose(collected, rj.normalize(new_state.normalizer, raw_obs))
     first_epoch = np.concatenate(critic_obs[: args.num_mini_batches])
     np.testing.assert_allclose(sorted_rows(first_epoch), sorted_rows(collected), rtol=1e-6, atol=1e-6)
+
+
+def test_bootstrap_matches_a_float64_reference():
+    """SPEC section 6, against a naive float64 computation: the TRUE next state is normalised
+    with the collection's statistics, v' = mean_k Q(s', a'_k) with Q the categorical mean, and
+    r~ = r - (1 - terminated) gamma alpha mean_k log pi(a'_k|s'), with log pi written as
+    log N(u; mean, std) - log(1 - tanh(u)^2); z' = features(s', a'_1). The twin of the test of
+    the same name in tests/test_loop_torch.py."""
+    rngs = nnx.Rngs(0)
+    actor, critic = rj.Actor(5, 3, 32, 0.1, rngs), rj.Critic(5, 3, 32, 51, 0.0, 150.0, rngs)
+    rng = np.random.default_rng(1)
+    normalizer = rj.normalizer_update(rj.normalizer_init(5), jnp.asarray(rng.normal(size=(64, 5)) * 3 + 1, jnp.float32))
+    final_obs = jnp.asarray(rng.normal(size=(6, 5)) * 3 + 1, jnp.float32)
+    reward = jnp.asarray(rng.uniform(size=6), jnp.float32)
+    terminated = jnp.array([0.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    noise = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)  # K = 4 value samples
+    soft_reward, next_value, next_features = rj.bootstrap(
+        actor, critic, jnp.float32(0.3), normalizer, final_obs, reward, terminated, noise, 0.9, 0.0, 150.0
+    )
+    obs = (np.asarray(final_obs, np.float64) - np.asarray(normalizer.mean)) / np.sqrt(np.asarray(normalizer.var) + 1e-2)
+    mean, std = (np.asarray(x, np.float64) for x in actor(jnp.asarray(obs, jnp.float32)))
+    u = mean + std * np.asarray(noise, np.float64)  # (K, N, A)
+    log_normal = -0.5 * ((u - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)
+    log_pi = (log_normal - np.log(1 - np.tanh(u) ** 2)).sum(-1)  # (K, N)
+    next_obs = jnp.broadcast_to(jnp.asarray(obs, jnp.float32), (4, 6, 5))
+    logits, features = critic(next_obs, jnp.asarray(np.tanh(u), jnp.float32))
+    logits = np.asarray(logits, np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    q = (probs / probs.sum(-1, keepdims=True) * np.linspace(0.0, 150.0, 51)).sum(-1)  # (K, N)
+    np.testing.assert_allclose(next_value, q.mean(0), rtol=1e-5, atol=1e-4)
+    expected = np.asarray(reward, np.float64) - (1 - np.asarray(terminated)) * 0.9 * 0.3 * log_pi.mean(0)
+    np.testing.assert_allclose(soft_reward, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(soft_reward, reward)  # the entropy term is not negligible here
+    np.testing.assert_allclose(next_features, features[0], rtol=1e-6, atol=1e-6)
+
+
+def test_the_optimisers_and_the_entropy_target_are_spec_9s(monkeypatch):
+    """SPEC section 9: Adam (lr, optax's default betas and eps) after global-norm clipping to
+    max_grad_norm, one chain per network; the actor's also holds log_alpha and log_beta (one
+    clipping over all three); the entropy target is -ent_target_mult * action_size. The twin of
+    the test of the same name in tests/test_loop_torch.py."""
+    args = rj.resolve_args(rj.parse_args(["--env-id", "CartpoleBalance", "--preset", "cpu"]))
+    args = dataclasses.replace(args, num_envs=4, num_steps=8, num_mini_batches=2, num_epochs=1, episode_length=3)
+    args = dataclasses.replace(args, actor_hidden=32, critic_hidden=32, learning_rate=2e-4, max_grad_norm=0.7)
+    args = dataclasses.replace(args, ent_target_mult=0.25)
+    calls, targets = [], []
+    real_clip, real_adam, real_actor_loss = rj.optax.clip_by_global_norm, rj.optax.adam, rj.actor_loss
+
+    def recording_clip(*inputs, **options):
+        calls.append(("clip", inputs, options))
+        return real_clip(*inputs, **options)
+
+    def recording_adam(*inputs, **options):
+        calls.append(("adam", inputs, options))
+        return real_adam(*inputs, **options)
+
+    def recording_actor_loss(*inputs):
+        targets.append(inputs[10])  # entropy_target, a Python float at trace time
+        return real_actor_loss(*inputs)
+
+    monkeypatch.setattr(rj.optax, "clip_by_global_norm", recording_clip)
+    monkeypatch.setattr(rj.optax, "adam", recording_adam)
+    monkeypatch.setattr(rj, "actor_loss", recording_actor_loss)
+    agent = rj.make_agent(args, CountdownEnv())
+    assert calls == [("clip", (0.7,), {}), ("adam", (2e-4,), {})] * 2  # adam's defaults: b1 0.9, b2 0.999, eps 1e-8
+    state = jax.eval_shape(agent.init, jax.random.PRNGKey(0))  # tracing is enough: no compilation
+    clip_state, adam_state = state.actor_opt
+    assert jax.tree.structure(adam_state[0].mu) == jax.tree.structure((state.actor, state.log_alpha, state.log_beta))
+    assert jax.tree.structure(state.critic_opt[1][0].mu) == jax.tree.structure(state.critic)
+    jax.eval_shape(lambda initial: agent.train_chunk(initial, 1), state)
+    assert targets == [-0.25 * 1]  # CountdownEnv has one action dimension

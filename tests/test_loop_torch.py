@@ -1,11 +1,14 @@
-"""The learning phase of reppo_torch.py's iteration (SPEC sections 3 and 8): every actor loss
-of one iteration sees pi_old as the policy that collected the batch (not the actor being
-trained), and every critic loss the same targets in every epoch (computed once per iteration)."""
+"""The iteration of reppo_torch.py around the math (SPEC sections 3, 6, 8 and 9): every actor
+loss of one iteration sees pi_old as the policy that collected the batch (not the actor being
+trained), and every critic loss the same targets in every epoch (computed once per iteration);
+collection's bootstraps (against a float64 reference) feed the targets; the optimisers, the
+clipping and the entropy target are SPEC section 9's."""
 
 import copy
+import math
 
 import torch
-from test_compile_torch import make_trainer
+from test_compile_torch import make_minibatch, make_trainer
 
 import reppo_torch as rt
 
@@ -69,13 +72,15 @@ def test_collection_bootstraps_from_the_true_final_observation_and_keeps_its_nor
         steps.append(real_step(action))
         return steps[-1]
 
-    def recording_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, *rest):
-        bootstraps.append((final_obs.clone(), reward.clone(), terminated.clone()))
-        return real_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, *rest)
+    def recording_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, noise, gamma, *rest):
+        out = real_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, noise, gamma, *rest)
+        bootstraps.append((final_obs.clone(), reward.clone(), terminated.clone(), alpha.clone(), gamma, out))
+        return out
 
-    def recording_returns(soft_reward, next_value, terminated, truncated, *rest):
-        returns_inputs.append((terminated.clone(), truncated.clone()))
-        return real_returns(soft_reward, next_value, terminated, truncated, *rest)
+    def recording_returns(soft_reward, next_value, terminated, truncated, gamma, lmbda):
+        returns_inputs.append((terminated.clone(), truncated.clone(), soft_reward.clone(), next_value.clone()))
+        returns_inputs.append((gamma, lmbda))
+        return real_returns(soft_reward, next_value, terminated, truncated, gamma, lmbda)
 
     def recording_critic_loss(critic, obs, *rest):
         critic_obs.append(obs.clone())
@@ -86,21 +91,93 @@ def test_collection_bootstraps_from_the_true_final_observation_and_keeps_its_nor
     monkeypatch.setattr(rt, "soft_lambda_returns", recording_returns)
     monkeypatch.setattr(rt, "critic_loss", recording_critic_loss)
     first_raw_obs, normalizer = trainer.obs.clone(), trainer.normalizer
+    alpha_at_collection = float(torch.exp(trainer.log_alpha))  # the learning phase then changes it
     trainer.train_iteration()
 
     T = trainer.args.num_steps
-    assert len(steps) == len(bootstraps) == T and len(returns_inputs) == 1
+    args = trainer.args
+    assert len(steps) == len(bootstraps) == T and len(returns_inputs) == 2
     assert any(not torch.equal(s.final_obs, s.next_obs) for s in steps)  # the stub tells them apart
-    for step, (final_obs, reward, terminated) in zip(steps, bootstraps):
+    for step, (final_obs, reward, terminated, alpha, gamma, _) in zip(steps, bootstraps):
         torch.testing.assert_close(final_obs, step.final_obs, rtol=0, atol=0)
         torch.testing.assert_close(reward, step.reward, rtol=0, atol=0)
         torch.testing.assert_close(terminated, step.terminated, rtol=0, atol=0)
-    terminated, truncated = returns_inputs[0]
+        assert gamma == args.gamma and float(alpha) == alpha_at_collection
+    (terminated, truncated, soft_reward, next_value), (gamma, lmbda) = returns_inputs
     assert terminated.sum() > 0 and truncated.sum() > 0  # both kinds of episode end occur
     torch.testing.assert_close(terminated, torch.stack([s.terminated for s in steps]), rtol=0, atol=0)
     torch.testing.assert_close(truncated, torch.stack([s.truncated for s in steps]), rtol=0, atol=0)
+    # The targets are built from the bootstraps' soft rewards and values, with gamma and lambda.
+    torch.testing.assert_close(soft_reward, torch.stack([b[-1][0] for b in bootstraps]), rtol=0, atol=0)
+    torch.testing.assert_close(next_value, torch.stack([b[-1][1] for b in bootstraps]), rtol=0, atol=0)
+    assert not torch.equal(soft_reward, torch.stack([s.reward for s in steps]))  # the entropy term is there
+    assert (gamma, lmbda) == (args.gamma, args.lmbda) and gamma != lmbda
     # s_t: the first observation, then each step's next_obs; normalised as during collection.
     raw_obs = torch.cat([first_raw_obs] + [s.next_obs for s in steps[:-1]])  # (T N, O), t-major
     assert not torch.equal(rt.normalize(normalizer, raw_obs), rt.normalize(trainer.normalizer, raw_obs))
     first_epoch = torch.cat(critic_obs[: trainer.args.num_mini_batches])
     torch.testing.assert_close(sorted_rows(first_epoch), sorted_rows(rt.normalize(normalizer, raw_obs)))
+
+
+def test_bootstrap_matches_a_float64_reference():
+    """SPEC section 6, against a naive float64 computation: the TRUE next state is normalised
+    with the collection's statistics, v' = mean_k Q(s', a'_k) with Q the categorical mean, and
+    r~ = r - (1 - terminated) gamma alpha mean_k log pi(a'_k|s'), with log pi written as
+    log N(u; mean, std) - log(1 - tanh(u)^2); z' = features(s', a'_1)."""
+    torch.manual_seed(0)
+    actor, critic = rt.Actor(5, 3, 32, 0.1), rt.Critic(5, 3, 32, 51, 0.0, 150.0)
+    generator = torch.Generator().manual_seed(1)
+    normalizer = rt.normalizer_update(rt.normalizer_init(5), torch.randn(64, 5, generator=generator) * 3 + 1)
+    final_obs = torch.randn(6, 5, generator=generator) * 3 + 1
+    reward = torch.rand(6, generator=generator)
+    terminated = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    noise = torch.randn(4, 6, 3, generator=generator)  # K = 4 value samples
+    alpha, gamma = torch.tensor(0.3), 0.9
+    with torch.no_grad():
+        soft_reward, next_value, next_features = rt.bootstrap(
+            actor, critic, alpha, normalizer, final_obs, reward, terminated, noise, gamma, 0.0, 150.0
+        )
+        d = torch.float64
+        obs = (final_obs.to(d) - normalizer.mean.to(d)) / torch.sqrt(normalizer.var.to(d) + 1e-2)
+        mean, std = (x.to(d) for x in actor(obs.float()))
+        u = mean + std * noise.to(d)  # (K, N, A)
+        log_normal = -0.5 * ((u - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
+        log_pi = (log_normal - torch.log(1 - torch.tanh(u) ** 2)).sum(-1)  # (K, N)
+        logits, features = critic(obs.float().expand(4, 6, 5), torch.tanh(u).float())
+        q = (torch.softmax(logits.to(d), -1) * torch.linspace(0.0, 150.0, 51, dtype=d)).sum(-1)  # (K, N)
+    torch.testing.assert_close(next_value.to(d), q.mean(0), rtol=1e-5, atol=1e-4)
+    expected = reward.to(d) - (1 - terminated.to(d)) * gamma * 0.3 * log_pi.mean(0)
+    torch.testing.assert_close(soft_reward.to(d), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(soft_reward, reward)  # the entropy term is not negligible here
+    torch.testing.assert_close(next_features, features[0])
+
+
+def test_the_optimisers_and_the_entropy_target_are_spec_9s(monkeypatch):
+    """SPEC section 9: Adam (lr 3e-4, optax's betas and eps, no weight decay) for each network;
+    the actor's optimiser also holds log_alpha and log_beta; each step clips the gradient of
+    everything it updates jointly, by global norm, to max_grad_norm; the entropy target is
+    -ent_target_mult * action_size."""
+    trainer = make_trainer(learning_rate=2e-4, max_grad_norm=0.7, ent_target_mult=0.25)
+    actor_params = list(trainer.actor.parameters()) + [trainer.log_alpha, trainer.log_beta]
+    critic_params = list(trainer.critic.parameters())
+    for optimizer, params in ((trainer.actor_opt, actor_params), (trainer.critic_opt, critic_params)):
+        (group,) = optimizer.param_groups
+        assert [id(p) for p in group["params"]] == [id(p) for p in params]
+        assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (2e-4, (0.9, 0.999), 1e-8, 0)
+        assert not group["amsgrad"] and not group["maximize"]
+    clips, targets = [], []
+    real_clip, real_actor_loss = rt.clip_grad_norm, rt.actor_loss
+
+    def recording_clip(grads, max_norm):
+        clips.append((len(grads), max_norm))
+        return real_clip(grads, max_norm)
+
+    def recording_actor_loss(*inputs):
+        targets.append(inputs[10])  # entropy_target
+        return real_actor_loss(*inputs)
+
+    monkeypatch.setattr(rt, "clip_grad_norm", recording_clip)
+    monkeypatch.setattr(rt, "actor_loss", recording_actor_loss)
+    trainer.update_minibatch(make_minibatch(0))
+    assert clips == [(len(critic_params), 0.7), (len(actor_params), 0.7)]
+    assert targets == [-0.25 * trainer.action_size]

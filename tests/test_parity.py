@@ -261,6 +261,22 @@ def test_bootstrap_agrees(nets):
     assert np.array_equal(soft_reward == batch["reward"], batch["terminated"] == 1)  # the entropy term is there
 
 
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_clipping_equals_optax_clip_by_global_norm(scale):
+    """reppo_torch.clip_grad_norm against optax's rule, below and above the bound: one
+    global norm over every tensor, g * max_norm / ||g|| only where ||g|| > max_norm."""
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=shape).astype(np.float32) * scale for shape in [(4, 3), (3,), (), (2, 5)]]
+    tx = optax.clip_by_global_norm(0.5)
+    want, _ = tx.update([jnp.asarray(g) for g in grads], tx.init(None))
+    got = [torch.tensor(g) for g in grads]
+    rt.clip_grad_norm(got, 0.5)
+    norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads))
+    assert (norm > 0.5) == (scale > 0.1)  # both sides of the bound are tested
+    for expected, actual in zip(want, got):
+        np.testing.assert_allclose(actual.numpy(), np.asarray(expected), rtol=1e-6, atol=1e-9)
+
+
 def test_one_clipped_adam_step_agrees(nets):
     """The optimiser step both files take: global-norm clipping 0.5, then Adam 3e-4."""
     _, jax_critic, _, torch_critic, batch = nets
