@@ -91,7 +91,7 @@ class Args:
     wandb_mode: Literal["online", "offline"] = "online"
     """'offline' writes the wandb run locally (sync it later with `wandb sync`)"""
     save_model: bool = False
-    """write runs/{run_name}/checkpoint.npz at every log point and at the end"""
+    """write {runs_dir}/{run_name}/checkpoint.npz at every log point and at the end"""
     checkpoint: str | None = None
     """path of a checkpoint to evaluate (with --eval-only)"""
     eval_only: bool = False
@@ -168,8 +168,7 @@ class Args:
 
     # --- logging ----------------------------------------------------------------------
     log_interval: int = 10
-    """training iterations fused into one jitted call; logging, evaluation and
-    checkpointing happen between calls"""
+    """training iterations fused into one jitted call; logging, evaluation and checkpointing happen between calls"""
 
 
 # `--preset cpu`: the issue's CPU setting (64 envs x 32 steps, 4 minibatches, 8 epochs,

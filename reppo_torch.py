@@ -100,7 +100,7 @@ class Args:
     wandb_mode: Literal["online", "offline"] = "online"
     """'offline' writes the wandb run locally (sync it later with `wandb sync`)"""
     save_model: bool = False
-    """write runs/{run_name}/checkpoint.pt at every log point and at the end"""
+    """write {runs_dir}/{run_name}/checkpoint.pt at every log point and at the end"""
     checkpoint: str | None = None
     """path of a checkpoint to evaluate (with --eval-only)"""
     eval_only: bool = False

@@ -20,7 +20,7 @@ in the sidecar JSON next to the CSV):
   (16) and the same number of minibatches (32) as the standard configuration, with
   32x less data: 30,720 env steps per update;
 - num_resets_per_eval 10 -> 1 (the standard value splits each of its 6M-step eval periods into
-  10 training epochs with an env reset after each; here one eval period is ~50k steps);
+  10 training epochs with an env reset after each; here one eval period is 61,440 steps: 2 updates of 30,720);
 - num_eval_envs 128 (Brax default) -> 16 and deterministic_eval=True, the evaluation protocol
   of reppo_jax.py (16 episodes of the deterministic policy).
 Everything else (learning rate, entropy cost, discount, reward scaling, unroll length,

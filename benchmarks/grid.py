@@ -20,7 +20,7 @@ Result CSV columns (one row per evaluation, the first at env step 0):
   around the training calls only: reppo_jax excludes its ahead-of-time compilation,
   reppo_torch excludes its first, warm-up iteration), so `wall_seconds = global_step / SPS`
   (for reppo_torch this counts the warm-up iteration at the average speed). Brax PPO: see
-  benchmarks/brax_ppo.py (training/walltime minus an estimate of the first epoch's compilation);
+  benchmarks/brax_ppo.py (training/walltime minus an estimate of the first two epochs' compilation);
 - `eval_return`, `eval_return_std`: mean and std of the deterministic policy's return over the
   evaluation episodes (16 for every implementation at the defaults).
 The sidecar JSON holds the command, the whole job's wall time as measured here (imports,
