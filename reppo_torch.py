@@ -741,8 +741,8 @@ class ManiSkillEnv:
     - training envs (``auto_reset=True``): an episode ends at the time limit OR when the
       task terminates it (success; a failure, for tasks that define one), and that env alone
       is reset. Every episode end is bootstrapped as a truncation from the true final
-      observation: ManiSkill's "terminated" marks a reached goal, not a state without a
-      future, and the authors treat it so (their ``truncated = terminated | truncated``).
+      observation, as the authors do (their ``truncated = terminated | truncated``): a
+      reached goal is not a state without a future (for a failure this is their choice too).
     - evaluation envs (``auto_reset=False``, reset by every evaluation round): terminations
       are ignored, so each episode runs the full episode_length and ``success_at_end`` means
       "still successful at the last step"."""
