@@ -28,9 +28,29 @@ if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
 
 # ---- helpers shared by the CLI and learning tests of both files -------------------------
 
+
 import csv  # noqa: E402
 import glob  # noqa: E402
+import importlib  # noqa: E402
 import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def require(module: str, pip_spec: str, problem: str | None = None) -> None:
+    """Skip a test whose package (``module``) is not installed, or that has another ``problem``,
+    saying how to enable it; in CI (CI=true, which .ci/run sets) fail instead, since .ci/run
+    installs everything the suite needs. For a user who installed only part of the requirements."""
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        problem = f"{module} does not import ({error}); pip install {pip_spec}"
+    if problem is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(problem)
+    pytest.skip(problem)
+
 
 # A run small enough to finish in seconds after compilation (CartpoleBalance, 50-step episodes).
 TINY = [

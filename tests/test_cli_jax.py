@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import BATCH, TINY, interrupt_a_run, only_run, read_metrics, run_script
+from conftest import BATCH, TINY, interrupt_a_run, only_run, read_metrics, require, run_script
 
 import reppo_jax as rj
 
@@ -140,6 +140,7 @@ def test_training_episodes_are_logged_with_their_length_and_return(tmp_path):
 def test_track_logs_a_wandb_run_offline(tmp_path):
     """--track: wandb.init with the run's config, a log per log point and finish() go through
     (offline: written beside the run, to sync later; nothing is sent)."""
+    require("wandb", "wandb==0.31.0")
     argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path)]
     argv += ["--track", "--wandb-mode", "offline"]
     assert rj.main(argv) == 0
@@ -152,6 +153,7 @@ def test_track_logs_a_wandb_run_offline(tmp_path):
 def test_track_that_cannot_start_says_what_to_do(tmp_path, monkeypatch, capsys):
     """--track online with no wandb login, then without wandb installed: one clear message and
     exit code 2 (no traceback), and the fresh run's folder is removed again."""
+    require("wandb", "wandb==0.31.0")
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ANONYMOUS", "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc holding a key

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import require, run_script
 
 import reppo_torch as rt
 
@@ -37,21 +37,13 @@ def vulkan_problem() -> str | None:
 def require_maniskill(vulkan: bool = True):
     """Skip without ManiSkill3 or (unless ``vulkan=False``) Vulkan, saying how to enable the
     test; in CI (CI=true, which .ci/run sets) fail instead, since CI installs both."""
-    try:
-        import mani_skill  # noqa: F401
-    except ImportError as error:
-        problem = f"mani_skill does not import ({error}); pip install mani_skill==3.0.1"
-    else:
-        problem = vulkan_problem() if vulkan else None
-        if problem is not None:
-            problem = (
-                f"ManiSkill3 tests need Vulkan: {problem}. Install the CPU driver (Mesa lavapipe >= 24.3) "
-                f"with `sudo bash .ci/install_vulkan.sh` (Debian 12), then rerun."
-            )
-    if problem is not None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(problem)
-        pytest.skip(problem)
+    problem = vulkan_problem() if vulkan else None
+    if problem is not None:  # (a missing mani_skill is reported first, by require)
+        problem = (
+            f"ManiSkill3 tests need Vulkan: {problem}. Install the CPU driver (Mesa lavapipe >= 24.3) "
+            f"with `sudo bash .ci/install_vulkan.sh` (Debian 12), then rerun."
+        )
+    require("mani_skill", "mani_skill==3.0.1", problem)
 
 
 TINY = [
