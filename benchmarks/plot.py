@@ -20,11 +20,12 @@ runs 0..200M although the runs were configured for about 52M env steps (see
 put on our env-step axis; a vertical line marks where our budget would sit (budget / 52M).
 
 Tables (markdown, stdout or --table-out):
-- final return: mean +- std over seeds of the last evaluation's return, per task and method;
+- final return: mean +- sample std (ddof 1) over seeds of the last evaluation's return, per task and method;
 - time to threshold: the training wall-clock seconds (and env steps) of the first evaluation at
   which eval_return >= the task's threshold (THRESHOLDS below: half of the paper REPPO
-  small-data final mean return, rounded to 5), mean +- std over the seeds that reached it,
-  and how many did; resolution is one evaluation interval;
+  small-data final mean return, rounded to 5), mean +- sample std over the seeds that reached
+  it (a seed that never reached it is left out, not counted as the budget), and how many did;
+  resolution is one evaluation interval;
 - comparisons, per task where both methods have results: reppo_jax vs reppo_torch (should be
   indistinguishable) and reppo_jax vs brax_ppo. Welch's unequal-variance two-sided t-test over
   seeds, alpha = 0.05, on two statistics: the final return, and the mean return over the run
@@ -275,14 +276,15 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 def markdown_tables(results: Results, thresholds: dict[str, float] = THRESHOLDS) -> str:
-    lines = ["### Final return (last evaluation, mean ± std over seeds)", ""]
+    lines = ["### Final return (last evaluation, mean ± sample std over seeds)", ""]
     lines += ["| Task | Method | Seeds | Env steps | Final return |", "|---|---|---|---|---|"]
     for r in final_table(results):
         label = LABELS.get(r["impl"], r["impl"])
         lines.append(
             f"| {r['task']} | {label} | {r['n']} | {r['env_steps']:,} | {_fmt(r['mean'])} ± {_fmt(r['std'])} |"
         )
-    lines += ["", "### Time to threshold (training wall clock, first evaluation at or above the threshold)", ""]
+    heading = "### Time to threshold (training wall clock, first evaluation at or above the threshold"
+    lines += ["", heading + "; mean ± sample std over the seeds that reached it)", ""]
     lines += ["| Task | Threshold | Method | Reached | Wall seconds | Env steps |", "|---|---|---|---|---|---|"]
     for r in threshold_table(results, thresholds):
         label = LABELS.get(r["impl"], r["impl"])

@@ -1,7 +1,8 @@
 """Speed and memory of reppo_jax.py (and reppo_torch.py): compile time, steady-state
 env-steps/s after compilation (evaluation excluded), peak RSS and, on a GPU, peak GPU memory.
 
-Each measurement runs in a fresh subprocess so that its peak RSS is its own:
+Each measurement runs in a fresh subprocess so that its peak RSS is its own (that process's
+alone: the compile workers that torch.compile may start for --torch-compile are not counted):
 
     python benchmarks/speed.py                        # both settings, reppo_jax.py
     python benchmarks/speed.py --settings cpu --iterations 20
