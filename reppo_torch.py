@@ -124,7 +124,8 @@ class Args:
     num_eval_envs: int = 16
     """number of evaluation episodes (one per separate evaluation env)"""
     control_mode: str = "pd_joint_delta_pos"
-    """ManiSkill3 controller (the authors' choice); ignored for Playground tasks"""
+    """ManiSkill3 controller (the authors' choice); one with its own action bounds (pd_joint_pos,
+    pd_ee_pose) gets the policy's (-1, 1) mapped onto them; ignored for Playground tasks"""
 
     # --- collection -------------------------------------------------------------------
     total_timesteps: int = 50_000_000
@@ -672,14 +673,23 @@ def maniskill_episode_length(env_id: str) -> int:
 
 
 def missing_maniskill_assets(env_id: str) -> list[str]:
-    """Asset ids a ManiSkill task needs that are not on disk. Checked before ``gym.make``,
-    which would otherwise ask an interactive (y|n) question, or exit with status 0 on 'n'.
+    """Asset ids a ManiSkill task needs that are not on disk: the task's own and those of its
+    default robot (e.g. AnymalC-Reach-v1's anymal_c). Checked before ``gym.make``, which
+    would otherwise ask an interactive (y|n) question, or exit with status 0 on 'n'.
     An empty asset folder (left by a failed download) counts as missing."""
+    import inspect
+
     from mani_skill.utils import assets
     from mani_skill.utils.registration import REGISTERED_ENVS
 
+    spec = REGISTERED_ENVS[env_id]
+    robots = (spec.default_kwargs or {}).get("robot_uids")
+    if robots is None:  # the task's own default, if its constructor names one
+        parameter = inspect.signature(spec.cls.__init__).parameters.get("robot_uids")
+        robots = None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+    robots = [robots] if isinstance(robots, str) else [r for r in robots or [] if isinstance(r, str)]
     missing = []
-    for asset_id in REGISTERED_ENVS[env_id].asset_download_ids or []:
+    for asset_id in [*(spec.asset_download_ids or []), *(r for r in robots if assets.DATA_GROUPS.get(r))]:
         if asset_id in assets.DATA_GROUPS:
             source_ids = assets.expand_data_group_into_individual_data_source_ids(asset_id)
         else:
@@ -795,6 +805,16 @@ class ManiSkillEnv:
         self.episode_length = args.episode_length
         self.obs_size = int(self.env.single_observation_space.shape[0])
         self.action_size = int(self.env.single_action_space.shape[0])
+        # The policy acts in (-1, 1). Most controllers (the default pd_joint_delta_pos among them)
+        # take normalised actions in [-1, 1]; a few (pd_joint_pos, pd_ee_pose) take joint angles or
+        # poses within their own bounds, where ManiSkill neither scales nor clips. For those the
+        # action is mapped linearly onto [low, high] before it reaches the simulator.
+        space = self.env.single_action_space
+        low, high = torch.as_tensor(space.low, dtype=torch.float32), torch.as_tensor(space.high, dtype=torch.float32)
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+            raise UserError(f"--control-mode {args.control_mode} has unbounded actions; pick a bounded controller")
+        normalised = bool((low == -1).all() and (high == 1).all())
+        self.action_bounds = None if normalised else (low.to(self.base.device), high.to(self.base.device))
         self.seed = seed
         self.resets = 0  # number of full resets so far (each gets a fresh seed)
         self.from_reset = torch.zeros(num_envs, dtype=torch.bool, device=device)
@@ -815,7 +835,11 @@ class ManiSkillEnv:
         return obs.to(self.device, torch.float32)
 
     def step(self, action: torch.Tensor) -> StepResult:
-        obs, reward, terminated, truncated, info = self.env.step(action.to(self.base.device))
+        action = action.to(self.base.device)
+        if self.action_bounds is not None:  # a controller with its own bounds (see __init__)
+            low, high = self.action_bounds
+            action = low + (action + 1) * 0.5 * (high - low)
+        obs, reward, terminated, truncated, info = self.env.step(action)
         done = (terminated | truncated).to(self.device).bool()  # terminated is all False in evaluation
         if "final_observation" in info:
             # IMPLEMENTATION DETAIL 5: the wrapper already reset the finished envs; their
@@ -1628,7 +1652,9 @@ class Trainer:
                 key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.seed), 0xE7A1), self.iteration)
                 obs = env.reset(randomize_steps=False, key=jax.random.fold_in(key, round_index))
             else:
-                obs = env.reset(randomize_steps=False, key=self.seed * 7919 + self.iteration * 131 + round_index)
+                # Keys max(131, rounds) apart per iteration: no two rounds of a run share one.
+                stride = max(131, rounds)
+                obs = env.reset(randomize_steps=False, key=self.seed * 7919 + self.iteration * stride + round_index)
             episode_return = torch.zeros(env.num_envs, device=self.device)
             alive = torch.ones(env.num_envs, dtype=torch.bool, device=self.device)
             for _ in range(args.episode_length):
@@ -1963,7 +1989,8 @@ def metric_names(trainer: Trainer) -> list[str]:
 def describe_device(args: Args, trainer: Trainer, device: torch.device) -> str:
     if trainer.env.suite == "maniskill":
         sim = trainer.env.sim_backend
-        note = "" if sim == "physx_cuda" else " (no CUDA: ManiSkill's CPU simulator runs one env at a time)"
+        reason = "no CUDA" if not torch.cuda.is_available() else "--device cpu"
+        note = "" if sim == "physx_cuda" else f" ({reason}: ManiSkill's CPU simulator runs one env at a time)"
         return f"ManiSkill3 {args.env_id} on {sim} with {args.num_envs} env(s){note}; networks on {device}"
     return f"MuJoCo Playground {args.env_id} (JAX, impl={args.impl}) with {args.num_envs} envs; networks on {device}"
 

@@ -209,6 +209,7 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         (["--env-id", "PickCube-v9"], "Valid ManiSkill3 tasks:"),
         (["--env-id", "Go1JoystickFlatTerrain"], "downloaded from the internet"),
         (["--env-id", "PickSingleYCB-v1"], "needs assets that are not downloaded: ycb"),
+        (["--env-id", "AnymalC-Reach-v1"], "needs assets that are not downloaded: anymal_c"),  # the robot's
         (["--num-envs", "10", "--num-steps", "3", "--num-mini-batches", "4"], "10 * 3 = 30 is not divisible by"),
         (["--eval-only"], "--eval-only needs --checkpoint PATH"),
         (["--resume", "/nonexistent/checkpoint.pt"], "does not exist"),

@@ -53,6 +53,31 @@ TINY = [
 ]  # fmt: skip
 
 
+def test_a_controller_with_its_own_action_bounds_gets_the_action_mapped_onto_them(monkeypatch):
+    """pd_joint_pos takes joint angles within the joints' limits (ManiSkill neither scales nor
+    clips them): the policy's -1, 0 and 1 reach the simulator as low, the midpoint and high.
+    The default controller takes normalised actions, which pass unchanged."""
+    require_maniskill()
+    sent = []
+    for control_mode in ("pd_joint_pos", "pd_joint_delta_pos"):
+        args = rt.resolve_args(rt.Args(env_id="PushCube-v1", control_mode=control_mode, num_envs=1))
+        env = rt.ManiSkillEnv(args, 1, seed=0, device=torch.device("cpu"))
+        low = torch.as_tensor(env.env.single_action_space.low)
+        high = torch.as_tensor(env.env.single_action_space.high)
+        step = env.env.step
+        monkeypatch.setattr(env.env, "step", lambda action, step=step: sent.append(action.clone()) or step(action))
+        env.reset(randomize_steps=False)
+        for value in (-1.0, 0.0, 1.0):
+            env.step(torch.full((1, env.action_size), value))
+        env.close()
+        if control_mode == "pd_joint_pos":
+            assert (high - low > 0.5).all() and not torch.allclose(low, -torch.ones_like(low))
+            torch.testing.assert_close(torch.cat(sent[-3:]), torch.stack([low, (low + high) / 2, high]))
+        else:
+            assert (low == -1).all() and (high == 1).all()
+            torch.testing.assert_close(torch.cat(sent[-3:]), torch.tensor([[-1.0], [0.0], [1.0]]).expand(3, len(low)))
+
+
 def test_partial_reset_hands_back_the_true_final_observation():
     require_maniskill()
     defaults = rt.resolve_args(rt.Args(env_id="PushCube-v1", episode_length=40))
