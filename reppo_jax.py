@@ -1397,7 +1397,12 @@ def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
     """--resume and --eval-only take the checkpoint's own arguments (so that networks, env
     and sizes match it); a resumed run may extend --total-timesteps and an evaluation may
     change --num-eval-envs when those flags are given."""
-    saved = dataclasses.replace(Args(), **read_checkpoint_meta(args.resume or args.checkpoint)["args"])
+    path = args.resume or args.checkpoint
+    saved_args = read_checkpoint_meta(path)["args"]
+    unknown = sorted(set(saved_args) - {field.name for field in dataclasses.fields(Args)})
+    if unknown:
+        raise UserError(f"'{path}' was saved by another version of this file (unknown settings: {', '.join(unknown)})")
+    saved = dataclasses.replace(Args(), **saved_args)
     overrides = {"resume": args.resume, "checkpoint": args.checkpoint, "eval_only": args.eval_only}
     overrides["progress"] = args.progress
     may_change = ["total_timesteps", "num_eval_envs"]

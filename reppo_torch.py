@@ -422,10 +422,10 @@ def make_jax_auto_reset(env, num_envs: int, episode_length: int, auto_reset: boo
         # IMPLEMENTATION DETAIL 4: random initial step counters in [0, episode_length),
         # so that the N envs do not all hit the time limit (and reset) on the same step.
         if randomize_steps:
-            steps = jax.random.randint(key_steps, (num_envs,), 0, episode_length)
+            steps = jax.random.randint(key_steps, (num_envs,), 0, episode_length, jnp.int32)
         else:
             steps = jnp.zeros(num_envs, jnp.int32)
-        zeros = jnp.zeros(num_envs)
+        zeros = jnp.zeros(num_envs, jnp.float32)  # dtypes explicit: torch gets float32 even under JAX_ENABLE_X64
         # IMPLEMENTATION DETAIL 10: an episode whose counter starts late is cut short; it is
         # not a complete episode, so its return is not logged in charts/episodic_return
         # (from_reset stays False until the env's first real reset).
@@ -626,7 +626,10 @@ class PlaygroundEnv:
         )
 
     def close(self) -> None:
-        pass  # nothing to free: the JAX arrays go with this object
+        # Free the envs' JAX state (physics and reset pool; GPU memory when JAX runs on a GPU)
+        # now: the jitted step refers back to this object, so the object itself waits for
+        # Python's cyclic garbage collector (a --num-seeds run builds one per seed).
+        self.carry = None
 
     # The JAX-side state is part of a checkpoint (unpacked: one array per field), so that a
     # resumed run continues exactly.
@@ -873,7 +876,9 @@ class ManiSkillEnv:
 
     def get_state(self) -> dict:
         # The simulator state is not checkpointed: a resumed ManiSkill run restarts its
-        # episodes (the networks, optimisers, normaliser and RNG continue exactly).
+        # episodes (the networks, optimisers, normaliser and training generator continue
+        # exactly; ManiSkill's partial resets draw from torch's global generator, which a
+        # resumed run seeds anew, so their start states repeat those of the run's start).
         return {"resets": self.resets}
 
     def set_state(self, saved: dict) -> None:
@@ -1358,7 +1363,7 @@ class Trainer:
         self.args = args
         self.seed = seed
         self.device = device
-        if args.torch_threads > 0 and device.type == "cpu":
+        if args.torch_threads > 0:  # on any device: the threads of PyTorch's CPU kernels, as asked
             torch.set_num_threads(args.torch_threads)
         # One generator drives every random number of training (actions, permutations,
         # noise of the losses), so that one --seed reproduces a run and resuming continues it.
@@ -1762,17 +1767,32 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def save_checkpoint(path: str, trainer: Trainer, args: Args, global_step: int) -> None:
+def save_checkpoint(
+    path: str, trainer: Trainer, args: Args, global_step: int, metrics: list[dict[str, float]] | None = None
+) -> None:
     """One torch.save file: actor, critic, both optimiser states, log_alpha/log_beta,
     normaliser, iteration, the training generator's state, the env state (Playground: the
-    JAX physics state and key; ManiSkill: only a counter), plus the args and counters.
-    Everything in it is a tensor, number or string, so it loads with ``weights_only=True``.
-    Written atomically (tmp file + rename)."""
+    JAX physics state and key; ManiSkill: only a counter), plus the args and counters, and
+    the metrics of the iterations since the last log point (a Ctrl-C can stop a run between
+    log points; the resumed run's next row then averages the same iterations as an unbroken
+    run's). Everything in it is a tensor, number or string, so it loads with
+    ``weights_only=True``. Written atomically (tmp file + rename)."""
     payload = {"format": "reppo_torch", "args": dataclasses.asdict(args), "global_step": global_step}
+    payload["metrics_since_log"] = list(metrics or [])
     payload["trainer"] = trainer.state_dict()
     tmp_path = path + ".tmp"
     torch.save(payload, tmp_path)
     os.replace(tmp_path, path)
+
+
+def load_trainer_state(trainer: Trainer, payload: dict, path: str, **options) -> None:
+    """Trainer.load_state_dict, with one clear message for a checkpoint whose contents do not
+    fit this file and these args (a missing entry, a renamed parameter, another size)."""
+    try:
+        trainer.load_state_dict(payload["trainer"], **options)
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        problem = f"{type(error).__name__}: {error}"
+        raise UserError(f"'{path}' does not fit this version of reppo_torch.py ({problem})") from error
 
 
 def read_checkpoint(path: str) -> dict:
@@ -2002,7 +2022,12 @@ def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
     device and the speed switches, which never change the math, may be given anew too; without
     CUDA, a checkpoint's --device cuda and --cuda-graphs fall back to the defaults (a run saved
     on a GPU with --cuda-graphs can go on, or be evaluated, on a CPU)."""
-    saved = dataclasses.replace(Args(), **read_checkpoint(args.resume or args.checkpoint)["args"])
+    path = args.resume or args.checkpoint
+    saved_args = read_checkpoint(path)["args"]
+    unknown = sorted(set(saved_args) - {field.name for field in dataclasses.fields(Args)})
+    if unknown:
+        raise UserError(f"'{path}' was saved by another version of this file (unknown settings: {', '.join(unknown)})")
+    saved = dataclasses.replace(Args(), **saved_args)
     overrides = {"resume": args.resume, "checkpoint": args.checkpoint, "eval_only": args.eval_only}
     overrides["progress"] = args.progress
     may_change = ["total_timesteps", "num_eval_envs", "device", "torch_threads", "compile", "fused_adam", "cuda_graphs"]
@@ -2050,7 +2075,7 @@ def run_eval_only(args: Args) -> None:
         dataclasses.replace(args, num_envs=eval_env.num_envs), args.seed, device, env=eval_env, build_eval_env=False
     )
     trainer.eval_env = eval_env
-    trainer.load_state_dict(payload["trainer"], with_env=False)
+    load_trainer_state(trainer, payload, args.checkpoint, with_env=False)
     row = eval_rows(trainer)
     line = (
         f"eval seed={args.seed} step={payload['global_step']} "
@@ -2099,7 +2124,7 @@ def train(args: Args, argv: list[str]) -> str:
     trainer = Trainer(args, args.seed, device)
     try:  # a run that cannot start closes its simulators again
         if payload is not None:
-            trainer.load_state_dict(payload["trainer"])
+            load_trainer_state(trainer, payload, args.resume)
         if args.resume is None:  # a fresh run's folder, once its envs and networks could be built
             run_name, run_dir = make_run_dir(args)
         wandb_run = start_wandb(args, run_dir, run_name) if args.track else None
@@ -2116,7 +2141,8 @@ def train(args: Args, argv: list[str]) -> str:
     iteration = trainer.iteration
     train_seconds, train_steps = 0.0, 0
     warmed_up = False  # the first iteration of a process (JAX compilation, allocator warm-up) is not timed
-    metrics: list[dict[str, float]] = []
+    metrics: list[dict[str, float]] = [] if payload is None else payload.get("metrics_since_log", [])
+    payload = None  # loaded: free its copy of the checkpoint
     eval_return = sps = float("nan")
     last_finite = None
     # Ctrl-C: the first one lets the running iteration finish and then saves a clean
@@ -2130,9 +2156,9 @@ def train(args: Args, argv: list[str]) -> str:
             eval_return = row["eval/episodic_return"]
         while iteration < num_iterations:
             stop_if_interrupted(interrupted)
-            start = time.perf_counter()
             if args.save_model or args.resume:  # kept to be saved if this iteration goes non-finite
                 last_finite = copy.deepcopy(trainer.state_dict())
+            start = time.perf_counter()  # after the copy: SPS times training alone
             iteration_metrics = trainer.train_iteration()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -2150,7 +2176,7 @@ def train(args: Args, argv: list[str]) -> str:
                 message = f"non-finite {', '.join(bad)} at iteration {iteration + 1}; stopped"
                 if last_finite is not None:
                     trainer.load_state_dict(last_finite)
-                    save_checkpoint(checkpoint_path, trainer, args, iteration * batch_size)
+                    save_checkpoint(checkpoint_path, trainer, args, iteration * batch_size, metrics)
                     message += (
                         f". The last finite state (iteration {iteration}) is in {checkpoint_path}, to inspect "
                         "or --eval-only (--resume from it would repeat the same computation)"
@@ -2179,7 +2205,7 @@ def train(args: Args, argv: list[str]) -> str:
         )
     except KeyboardInterrupt:
         if interrupted["clean"]:
-            save_checkpoint(checkpoint_path, trainer, args, iteration * batch_size)
+            save_checkpoint(checkpoint_path, trainer, args, iteration * batch_size, metrics)
             logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
         else:
             logger.write("interrupted twice, inside an iteration: no checkpoint written")
@@ -2246,6 +2272,11 @@ def main(argv: list[str] | None = None) -> int:
             train(args, argv)
         else:
             for index in range(args.num_seeds):  # seeds one after another, one run folder each
+                if args.compile and index > 0:
+                    # The compiled update is tied to its Trainer's optimisers, so each seed compiles
+                    # it anew; dropping the last seed's compiled code keeps torch.compile from hitting
+                    # its limit of 8 recompilations (past it, it would quietly run eagerly).
+                    torch._dynamo.reset()
                 # Each run folder's args are those of its one seed (num_seeds=1).
                 train(dataclasses.replace(args, seed=args.seed + index, num_seeds=1), argv)
     except UserError as error:

@@ -176,6 +176,21 @@ def test_resuming_a_finished_run_asks_for_more_steps(full_run, capsys):
     assert "leaves no iteration to run; give a larger --total-timesteps" in err and "Traceback" not in err
 
 
+def test_a_checkpoint_of_another_version_gives_a_clear_message(full_run, tmp_path, capsys):
+    """A checkpoint whose args name a setting this file does not have stops with one message
+    and exit code 2."""
+    with np.load(os.path.join(full_run, "checkpoint.npz")) as data:
+        arrays = {name: data[name] for name in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["args"]["old_setting"] = 1
+    arrays["meta"] = np.array(json.dumps(meta))
+    checkpoint = str(tmp_path / "checkpoint.npz")
+    np.savez(checkpoint, **arrays)
+    assert rj.main(["--eval-only", "--checkpoint", checkpoint]) == 2
+    err = capsys.readouterr().err
+    assert "was saved by another version of this file (unknown settings: old_setting)" in err and "Traceback" not in err
+
+
 def test_flags_a_checkpoint_overrides_are_named(full_run, capsys):
     checkpoint = os.path.join(full_run, "checkpoint.npz")
     argv = ["--resume", checkpoint, "--total-timesteps", "999999", "--log-interval", "5", "--no-track", "--no-progress"]

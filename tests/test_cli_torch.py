@@ -180,6 +180,17 @@ def test_flags_a_checkpoint_overrides_are_named(full_run, capsys):
     assert "ignored: --log-interval, --no-track" in err and "--total-timesteps" not in err
 
 
+def assert_same_rows(run_dir, other_run_dir):
+    """The two runs' metrics.csv rows agree in every column but the speed."""
+    rows, other_rows = read_metrics(run_dir), read_metrics(other_run_dir)
+    assert [r["global_step"] for r in rows] == [r["global_step"] for r in other_rows]
+    for a, b in zip(rows, other_rows):
+        assert a.keys() == b.keys() and [k for k in a if (a[k] == "") != (b[k] == "")] == []
+        for column in a:
+            if column not in ("charts/SPS",) and a[column] != "":
+                np.testing.assert_allclose(float(a[column]), float(b[column]), rtol=1e-5, atol=1e-6, err_msg=column)
+
+
 def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
     argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path), "--save-model", "--seed", "3"]
     assert rt.main(argv) == 0
@@ -190,16 +201,33 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         record = json.load(f)
     assert record["command"] == "python " + shlex.join(["reppo_torch.py", *argv])
     assert record["resumed_by"] == ["python " + shlex.join(["reppo_torch.py", *resume])]
-    resumed, unbroken = read_metrics(half), read_metrics(full_run)
-    assert [r["global_step"] for r in resumed] == [r["global_step"] for r in unbroken]
-    for a, b in zip(resumed, unbroken):
-        for column in a:
-            if column not in ("charts/SPS",) and a[column] != "":
-                np.testing.assert_allclose(float(a[column]), float(b[column]), rtol=1e-5, atol=1e-6, err_msg=column)
+    assert_same_rows(half, full_run)
     resumed_state = torch.load(os.path.join(half, "checkpoint.pt"), weights_only=True)["trainer"]
     unbroken_state = torch.load(os.path.join(full_run, "checkpoint.pt"), weights_only=True)["trainer"]
     for name, value in unbroken_state["actor"].items():
         torch.testing.assert_close(resumed_state["actor"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_ctrl_c_between_log_points_resumes_to_the_same_rows(full_run, tmp_path, monkeypatch):
+    """A Ctrl-C in iteration 3 (log points every 2 iterations) saves iteration 3's metrics with
+    the checkpoint, so the resumed run's row at iteration 4 averages iterations 3 and 4, as the
+    unbroken run's does, and not iteration 4 alone."""
+    train_iteration = rt.Trainer.train_iteration
+
+    def interrupted_in_iteration_3(self):
+        if self.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the run's own handler: stop once this iteration ends
+        return train_iteration(self)
+
+    monkeypatch.setattr(rt.Trainer, "train_iteration", interrupted_in_iteration_3)
+    argv = [*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path), "--seed", "3"]
+    assert rt.main(argv) == 130
+    monkeypatch.undo()
+    run_dir = only_run(tmp_path)
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert checkpoint["global_step"] == 3 * BATCH and len(checkpoint["metrics_since_log"]) == 1
+    assert rt.main(["--resume", os.path.join(run_dir, "checkpoint.pt")]) == 0
+    assert_same_rows(run_dir, full_run)
 
 
 @pytest.mark.parametrize(
@@ -301,6 +329,38 @@ def test_a_checkpoint_saved_with_cuda_switches_is_evaluated_on_the_cpu(full_run,
     captured = capsys.readouterr()
     assert "no CUDA device here; the checkpoint's --device, --cuda-graphs left at the default" in captured.err
     assert f"eval seed=3 step={4 * BATCH} " in captured.out
+
+
+def test_a_checkpoint_of_another_version_gives_a_clear_message(full_run, tmp_path, capsys):
+    """A checkpoint whose args name a setting this file does not have, or whose networks do
+    not fit (here: a parameter missing), stops with one message and exit code 2."""
+    payload = torch.load(os.path.join(full_run, "checkpoint.pt"), weights_only=True)
+    unknown = str(tmp_path / "unknown.pt")
+    torch.save({**payload, "args": {**payload["args"], "old_setting": 1}}, unknown)
+    assert rt.main(["--eval-only", "--checkpoint", unknown]) == 2
+    err = capsys.readouterr().err
+    assert "was saved by another version of this file (unknown settings: old_setting)" in err and "Traceback" not in err
+    payload["trainer"]["actor"].pop(next(iter(payload["trainer"]["actor"])))
+    broken = str(tmp_path / "broken.pt")
+    torch.save(payload, broken)
+    for argv in (["--eval-only", "--checkpoint", broken], ["--resume", broken, "--total-timesteps", str(6 * BATCH)]):
+        assert rt.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "does not fit this version of reppo_torch.py (RuntimeError: Error(s) in loading" in err, err
+
+
+def test_compile_with_several_seeds_starts_each_seed_from_a_fresh_compiler(monkeypatch):
+    """torch.compile recompiles the update for each seed's Trainer and runs eagerly past its 8th
+    recompilation, so --num-seeds drops the compiled code between seeds (wiring only: train is
+    a stub here)."""
+    calls = []
+    monkeypatch.setattr(rt, "train", lambda args, argv: calls.append(("train", args.seed, args.num_seeds)))
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append(("reset",)))
+    assert rt.main([*TINY, "--compile", "--num-seeds", "3", "--seed", "5"]) == 0
+    assert calls == [("train", 5, 1), ("reset",), ("train", 6, 1), ("reset",), ("train", 7, 1)]
+    calls.clear()
+    assert rt.main([*TINY, "--num-seeds", "2"]) == 0  # eager: nothing to drop
+    assert [call[0] for call in calls] == ["train", "train"]
 
 
 def test_a_checkpoint_from_another_kind_of_device_resumes_with_a_fresh_random_stream(full_run, tmp_path, capsys):
