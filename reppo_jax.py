@@ -1245,11 +1245,11 @@ class MetricsLogger:
         else:
             print(message, file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close(self, completed: bool = True) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=0 if completed else 1)  # a stopped run shows as failed, not finished
 
 
 def first_nonfinite(metrics: dict[str, np.ndarray]) -> tuple[list[str], int] | None:
@@ -1459,26 +1459,29 @@ def train(args: Args, argv: list[str]) -> str:
     if jax.default_backend() == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
         # Measured with benchmarks/speed.py on a 2-core CPU (AMD EPYC): the paper setting on
         # CheetahRun (1024 envs x 32 steps, hidden 512) ran at 1,461-1,515 env-steps/s.
-        hours = args.total_timesteps / 1_500 / 3600
+        steps = (args.total_timesteps - start_step) * args.num_seeds  # still to run, all seeds together
         print(
             f"No accelerator found (JAX backend: cpu). The paper setting on CheetahRun (1024 envs, "
-            f"hidden 512) ran at ~1,500 env-steps/s on a 2-core CPU; at that speed {args.total_timesteps:,} "
-            f"steps would take about {hours:,.0f} hours, and this setting ({args.num_envs} envs, hidden "
-            f"{args.critic_hidden}) is no faster. For a CPU, try --preset cpu.",
+            f"hidden 512) ran at ~1,500 env-steps/s on a 2-core CPU; at that speed this run's {steps:,} env "
+            f"steps would take about {steps / 1_500 / 3600:,.0f} hours, and this setting ({args.num_envs} envs, "
+            f"hidden {args.critic_hidden}) is no faster. For a CPU, try --preset cpu.",
             file=sys.stderr,
         )
 
     runner = Runner(args)
     state = load_checkpoint(args.resume, runner.abstract_state()) if args.resume else runner.init()
+    iteration = int(np.asarray(state.iteration)[0])
+    first_chunk = chunk_length(iteration, num_iterations, args.log_interval)  # >= 1: checked above
+    # Compiles the first chunk, the longest wait of a run: before any run folder or wandb run
+    # exists, so that a Ctrl-C or a failure here leaves nothing behind.
+    metric_names = runner.metric_names(state, first_chunk)
     if args.resume is None:  # a fresh run's folder, once its envs and networks could be built
         run_name, run_dir = make_run_dir(args)
     wandb_run = start_wandb(args, run_dir, run_name) if args.track else None
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
     write_args(args, run_dir, argv)  # once the run can start (a failed resume leaves it as it was)
-    iteration = int(np.asarray(state.iteration)[0])
-    first_chunk = chunk_length(iteration, num_iterations, args.log_interval)  # >= 1: checked above
     end_step = num_iterations * batch_size
-    logger = MetricsLogger(args, run_dir, start_step, end_step, runner.metric_names(state, first_chunk), wandb_run)
+    logger = MetricsLogger(args, run_dir, start_step, end_step, metric_names, wandb_run)
     logger.write(f"run folder: {run_dir}")
 
     train_seconds = 0.0
@@ -1488,6 +1491,7 @@ def train(args: Args, argv: list[str]) -> str:
     # Ctrl-C stops at once without saving (the process leaves without waiting for the chunk:
     # see the end of this file).
     interrupted = install_interrupt_handler()
+    completed = False
     try:
         if iteration == 0:  # the untrained policy, so curves start at step 0
             returns = runner.evaluate(state)
@@ -1533,6 +1537,7 @@ def train(args: Args, argv: list[str]) -> str:
             f"{float(returns.mean()):.1f}, SPS {train_steps / max(train_seconds, 1e-9):,.0f} "
             f"(after compilation; compile {runner.compile_seconds:.1f} s), peak RSS {peak_rss_mb():,.0f} MiB"
         )
+        completed = True
     except KeyboardInterrupt:
         if interrupted["clean"]:
             save_checkpoint(checkpoint_path, state, args, iteration * batch_size)
@@ -1542,7 +1547,7 @@ def train(args: Args, argv: list[str]) -> str:
         raise
     finally:  # also after a non-finite loss (UserError): the progress bar and wandb are closed
         restore_interrupt_handler()
-        logger.close()
+        logger.close(completed)
     return run_dir
 
 

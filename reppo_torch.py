@@ -1891,11 +1891,11 @@ class MetricsLogger:
         else:
             print(message, file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close(self, completed: bool = True) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=0 if completed else 1)  # a stopped run shows as failed, not finished
 
 
 def first_nonfinite(metrics: dict[str, float]) -> list[str] | None:
@@ -2113,11 +2113,11 @@ def train(args: Args, argv: list[str]) -> str:
     if device.type == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
         # Measured with benchmarks/speed.py on a 2-core CPU (AMD EPYC): the paper setting on
         # CheetahRun (1024 envs x 32 steps, hidden 512) ran at ~1,260 env-steps/s.
-        hours = args.total_timesteps / 1_260 / 3600
+        steps = args.total_timesteps - start_step  # still to run (--num-seeds: this seed's)
         print(
             f"No CUDA device: training on the CPU. The paper setting on CheetahRun (1024 envs, hidden 512) "
-            f"ran at ~1,260 env-steps/s on a 2-core CPU; at that speed {args.total_timesteps:,} steps would "
-            f"take about {hours:,.0f} hours, and this setting ({args.num_envs} envs, hidden "
+            f"ran at ~1,260 env-steps/s on a 2-core CPU; at that speed this run's {steps:,} env steps would "
+            f"take about {steps / 1_260 / 3600:,.0f} hours, and this setting ({args.num_envs} envs, hidden "
             f"{args.critic_hidden}) is no faster. For a CPU, try --preset cpu.",
             file=sys.stderr,
         )
@@ -2149,6 +2149,7 @@ def train(args: Args, argv: list[str]) -> str:
     # checkpoint of the last completed iteration (so --resume continues exactly); a second
     # Ctrl-C stops at once.
     interrupted = install_interrupt_handler()
+    completed = False
     try:
         if iteration == 0:  # the untrained policy, so curves start at step 0
             row = eval_rows(trainer)
@@ -2203,6 +2204,7 @@ def train(args: Args, argv: list[str]) -> str:
             f"done: {iteration * batch_size:,} steps, final eval return {eval_return:.1f}, {speed}, "
             f"peak RSS {peak_rss_mb():,.0f} MiB"
         )
+        completed = True
     except KeyboardInterrupt:
         if interrupted["clean"]:
             save_checkpoint(checkpoint_path, trainer, args, iteration * batch_size, metrics)
@@ -2213,7 +2215,7 @@ def train(args: Args, argv: list[str]) -> str:
     finally:  # also after a non-finite loss (UserError): the progress bar and wandb are closed
         restore_interrupt_handler()
         trainer.close()
-        logger.close()
+        logger.close(completed)
     return run_dir
 
 

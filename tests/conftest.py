@@ -52,6 +52,19 @@ def require(module: str, pip_spec: str, problem: str | None = None) -> None:
     pytest.skip(problem)
 
 
+class StubWandbRun:
+    """Stands in for a wandb run (start_wandb's result): records how it was finished."""
+
+    def __init__(self):
+        self.exit_codes = []
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self, exit_code=0):
+        self.exit_codes.append(exit_code)
+
+
 # A run small enough to finish in seconds after compilation (CartpoleBalance, 50-step episodes).
 TINY = [
     "--env-id", "CartpoleBalance", "--preset", "cpu", "--num-envs", "8", "--num-steps", "8",

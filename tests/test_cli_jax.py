@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import BATCH, TINY, interrupt_a_run, only_run, read_metrics, require, run_script
+from conftest import BATCH, TINY, StubWandbRun, interrupt_a_run, only_run, read_metrics, require, run_script
 
 import reppo_jax as rj
 
@@ -250,6 +250,55 @@ def test_bad_input_gives_a_clear_message_and_exit_code_2(argv, message, capsys):
 def test_bad_input_from_the_shell_has_no_traceback():
     result = run_cli("--env-id", "CheetahRunn", check=False)
     assert result.returncode == 2 and "unknown --env-id" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_while_the_first_chunk_compiles_leaves_no_run_behind(tmp_path, monkeypatch):
+    """The first chunk's compilation (the longest wait of a run) comes before the run folder and
+    the wandb run: a Ctrl-C there exits with 130 and leaves neither."""
+    run = StubWandbRun()
+    monkeypatch.setattr(rj, "start_wandb", lambda args, run_dir, run_name: run)
+
+    def interrupted(self, state, num_iterations):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rj.Runner, "metric_names", interrupted)
+    assert rj.main([*TINY, "--runs-dir", str(tmp_path), "--track"]) == 130
+    assert os.listdir(tmp_path) == [] and run.exit_codes == []
+
+
+def test_the_cpu_warning_counts_every_seed_still_to_run(monkeypatch, capsys):
+    """Without an accelerator the paper setting prints an estimate of its hours: for all the
+    seeds it trains at once (here 2 x 10.8M steps at ~1,500 env-steps/s: 4 hours)."""
+
+    class Stop(Exception):
+        pass
+
+    def no_runner(args):
+        raise Stop
+
+    monkeypatch.setattr(rj, "Runner", no_runner)
+    args = rj.resolve_args(rj.Args(env_id="CheetahRun", total_timesteps=10_800_000, num_seeds=2))
+    with pytest.raises(Stop):
+        rj.train(args, [])
+    assert "this run's 21,600,000 env steps would take about 4 hours" in capsys.readouterr().err
+
+
+def test_wandb_hears_whether_the_run_completed(tmp_path, monkeypatch):
+    """--track: a run that completes finishes its wandb run with exit code 0; one stopped by a
+    non-finite loss with 1, so that wandb shows it as failed."""
+    run = StubWandbRun()
+    monkeypatch.setattr(rj, "start_wandb", lambda args, run_dir, run_name: run)
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--track"]
+    assert rj.main([*argv, "--runs-dir", str(tmp_path / "completes")]) == 0
+    real_critic_loss = rj.critic_loss
+
+    def poisoned(*args, **kwargs):
+        loss, info = real_critic_loss(*args, **kwargs)
+        return loss * float("nan"), {**info, "losses/critic_loss": loss * float("nan")}
+
+    monkeypatch.setattr(rj, "critic_loss", poisoned)
+    assert rj.main([*argv, "--runs-dir", str(tmp_path / "stops")]) == 2
+    assert run.exit_codes == [0, 1]
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import BATCH, TINY, interrupt_a_run, only_run, read_metrics, require, run_script
+from conftest import BATCH, TINY, StubWandbRun, interrupt_a_run, only_run, read_metrics, require, run_script
 
 import reppo_torch as rt
 
@@ -272,6 +272,41 @@ def test_bad_input_gives_a_clear_message_and_exit_code_2(argv, message, capsys):
 def test_bad_input_from_the_shell_has_no_traceback():
     result = run_cli("--env-id", "CheetahRunn", check=False)
     assert result.returncode == 2 and "unknown --env-id" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_cpu_warning_estimates_the_hours_of_the_steps_still_to_run(monkeypatch, capsys):
+    """Without CUDA the paper setting prints an estimate of its hours (10.8M steps at ~1,260
+    env-steps/s: 2 hours)."""
+
+    class Stop(Exception):
+        pass
+
+    def no_trainer(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(rt, "Trainer", no_trainer)
+    args = rt.resolve_args(rt.Args(env_id="CheetahRun", total_timesteps=10_800_000, device="cpu"))
+    with pytest.raises(Stop):
+        rt.train(args, [])
+    assert "this run's 10,800,000 env steps would take about 2 hours" in capsys.readouterr().err
+
+
+def test_wandb_hears_whether_the_run_completed(tmp_path, monkeypatch):
+    """--track: a run that completes finishes its wandb run with exit code 0; one stopped by a
+    non-finite loss with 1, so that wandb shows it as failed."""
+    run = StubWandbRun()
+    monkeypatch.setattr(rt, "start_wandb", lambda args, run_dir, run_name: run)
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--track"]
+    assert rt.main([*argv, "--runs-dir", str(tmp_path / "completes")]) == 0
+    real_critic_loss = rt.critic_loss
+
+    def poisoned(*args, **kwargs):
+        loss, info = real_critic_loss(*args, **kwargs)
+        return loss * float("nan"), {**info, "losses/critic_loss": loss.detach() * float("nan")}
+
+    monkeypatch.setattr(rt, "critic_loss", poisoned)
+    assert rt.main([*argv, "--runs-dir", str(tmp_path / "stops")]) == 2
+    assert run.exit_codes == [0, 1]
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
