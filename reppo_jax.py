@@ -1252,17 +1252,19 @@ class MetricsLogger:
             self.wandb.finish(exit_code=0 if completed else 1)  # a stopped run shows as failed, not finished
 
 
-def first_nonfinite(metrics: dict[str, np.ndarray]) -> tuple[list[str], int] | None:
+def first_nonfinite(metrics: dict[str, np.ndarray]) -> tuple[list[str], int, list[int]] | None:
     """The earliest iteration (index along the chunk axis) at which any metric is NaN/inf,
-    with the names of the metrics that are non-finite there (losses first), else None.
-    Metrics are shaped (num_seeds, num_iterations)."""
-    bad = {name: (~np.isfinite(np.asarray(v, np.float64))).any(axis=0) for name, v in metrics.items()}
-    bad_iterations = [int(np.argmax(flags)) for flags in bad.values() if flags.any()]
+    with the names of the metrics that are non-finite there (losses first) and the indices of
+    the seeds they are non-finite for, else None. Metrics are shaped (num_seeds, num_iterations)."""
+    finite = {name: np.isfinite(np.asarray(v, np.float64)) for name, v in metrics.items()}
+    bad_iterations = [int(np.argmax(~ok.all(axis=0))) for ok in finite.values() if not ok.all()]
     if not bad_iterations:
         return None
     index = min(bad_iterations)
-    names = sorted((n for n, flags in bad.items() if flags[index]), key=lambda n: (not n.startswith("losses/"), n))
-    return names, index
+    names = [n for n, ok in finite.items() if not ok[:, index].all()]
+    names.sort(key=lambda n: (not n.startswith("losses/"), n))
+    seeds = [int(s) for s in np.flatnonzero(~np.all([finite[n][:, index] for n in names], axis=0))]
+    return names, index, seeds
 
 
 def parameters_finite(state: TrainState) -> bool:
@@ -1511,10 +1513,14 @@ def train(args: Args, argv: list[str]) -> str:
             if bad is None and not parameters_finite(new_state):
                 # Finite losses, non-finite parameters: the chunk's last update made them so
                 # (after an earlier one the next iteration's losses would not be finite).
-                bad = (["parameters"], chunk - 1)
+                bad = (["parameters"], chunk - 1, [])
             if bad is not None:
-                names, index = bad
-                message = f"non-finite {', '.join(names)} at iteration {iteration + index + 1}; stopped"
+                names, index, seeds = bad
+                where = ""
+                if args.num_seeds > 1 and seeds:  # which of the seeds trained together
+                    listed = ", ".join(str(args.seed + s) for s in seeds)
+                    where = f" (seed {listed} of {args.num_seeds} trained together)"
+                message = f"non-finite {', '.join(names)} at iteration {iteration + index + 1}{where}; stopped"
                 if args.save_model or args.resume:
                     save_checkpoint(checkpoint_path, state, args, iteration * batch_size)
                     message += (

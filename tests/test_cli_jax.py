@@ -301,6 +301,20 @@ def test_wandb_hears_whether_the_run_completed(tmp_path, monkeypatch):
     assert run.exit_codes == [0, 1]
 
 
+def test_the_first_non_finite_metric_names_its_iteration_and_seeds():
+    """Metrics are (num_seeds, num_iterations): the earliest bad iteration wins, its bad metrics
+    are named (losses first), and so are the seeds they are bad for (the stop message lists
+    them when several seeds train together)."""
+    nan, inf = float("nan"), float("inf")
+    metrics = {
+        "values/reward_mean": np.array([[1.0, 1.0, inf], [1.0, inf, 1.0], [1.0, 1.0, 1.0]]),
+        "losses/critic_loss": np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, nan, nan]]),
+        "losses/actor_loss": np.ones((3, 3)),
+    }
+    assert rj.first_nonfinite(metrics) == (["losses/critic_loss", "values/reward_mean"], 1, [1, 2])
+    assert rj.first_nonfinite({"losses/actor_loss": np.ones((2, 4))}) is None
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
     real_critic_loss = rj.critic_loss
 
