@@ -372,15 +372,18 @@ class AutoResetEnv:
         """One step of all N envs; envs whose episode ended start a new one (unless
         ``auto_reset`` is False: evaluation runs exactly one episode per env)."""
         stepped = jax.vmap(self.env.step)(state.physics, action)
-        # DM Control tasks only "terminate" when the physics diverges (NaN state).
-        terminated = stepped.done > 0
+        # DM Control tasks only "terminate" when the physics diverges: Playground flags a NaN
+        # state; a state that overflowed to inf without a NaN (a non-finite observation or
+        # reward with done = 0) has diverged too, and is treated the same.
+        finite = jnp.isfinite(stepped.obs).all(axis=-1) & jnp.isfinite(stepped.reward)
+        terminated = (stepped.done > 0) | ~finite
         step_count = state.step_count + 1
         truncated = (step_count >= self.episode_length) & ~terminated
         done = terminated | truncated
         # IMPLEMENTATION DETAIL 5: the true final observation of an episode is kept (the
         # stock Playground wrapper overwrites it with the next episode's first one), so a
         # time-limit step bootstraps from its real next state instead of being masked out.
-        # A diverged state has a NaN observation and reward; it is never bootstrapped from
+        # A diverged state has a non-finite observation and reward; it is never bootstrapped from
         # (terminated), and zeroing it keeps NaN out of the networks and the statistics.
         final_obs = jnp.where(jnp.isfinite(stepped.obs), stepped.obs, 0.0)
         reward = jnp.where(jnp.isfinite(stepped.reward), stepped.reward, 0.0)

@@ -453,15 +453,18 @@ def make_jax_auto_reset(env, num_envs: int, episode_length: int, auto_reset: boo
         physics, _, step_count, episode_return, episode_length_so_far, from_reset, pool, pool_fresh, key = carry
         key, key_reset = jax.random.split(key)
         stepped = jax.vmap(env.step)(physics, action)
-        # DM Control tasks only "terminate" when the physics diverges (NaN state).
-        terminated = stepped.done > 0
+        # DM Control tasks only "terminate" when the physics diverges: Playground flags a NaN
+        # state; a state that overflowed to inf without a NaN (a non-finite observation or
+        # reward with done = 0) has diverged too, and is treated the same.
+        finite = jnp.isfinite(stepped.obs).all(axis=-1) & jnp.isfinite(stepped.reward)
+        terminated = (stepped.done > 0) | ~finite
         step_count = step_count + 1
         truncated = (step_count >= episode_length) & ~terminated
         done = terminated | truncated
         # IMPLEMENTATION DETAIL 5: the true final observation of an episode is kept (the
         # stock Playground wrapper overwrites it with the next episode's first one), so a
         # time-limit step bootstraps from its real next state instead of being masked out.
-        # A diverged state has a NaN observation and reward; it is never bootstrapped from
+        # A diverged state has a non-finite observation and reward; it is never bootstrapped from
         # (terminated), and zeroing it keeps NaN out of the networks and the statistics.
         final_obs = jnp.where(jnp.isfinite(stepped.obs), stepped.obs, 0.0)
         reward = jnp.where(jnp.isfinite(stepped.reward), stepped.reward, 0.0)

@@ -345,6 +345,69 @@ def test_auto_reset_wrappers_agree_on_a_step_with_partial_resets(slots):
     assert not np.allclose(np.asarray(next_obs)[np.asarray(finishing)], np.asarray(final_obs)[np.asarray(finishing)])
 
 
+class DivergingEnv:
+    """A tiny pure-JAX env: obs = a counter that starts at 3 and falls by one per step; when
+    it reaches 1 the "physics" diverges: the observation and the reward become ``bad``, with
+    ``done`` = 1 when ``flagged`` (Playground flags a NaN state) and 0 when not (an overflow to
+    inf passes Playground's NaN check)."""
+
+    observation_size = 1
+    action_size = 1
+
+    def __init__(self, bad: float, flagged: bool):
+        self.bad, self.flagged = bad, flagged
+
+    def _state(self, obs, reward, done):
+        from mujoco_playground._src.mjx_env import State
+
+        return State(
+            data=jnp.zeros(()), obs=jnp.stack([obs]).astype(jnp.float32), reward=jnp.float32(reward),
+            done=jnp.float32(done), metrics={}, info={},
+        )  # fmt: skip
+
+    def reset(self, key):
+        return self._state(3.0, 0.0, 0.0)
+
+    def step(self, state, action):
+        counter = state.obs[0] - 1.0
+        diverged = counter <= 1.0
+        bad = jnp.float32(self.bad)
+        return self._state(jnp.where(diverged, bad, counter), jnp.where(diverged, bad, 1.0), diverged & self.flagged)
+
+
+@pytest.mark.parametrize("bad, flagged", [(float("nan"), True), (float("inf"), False), (-float("inf"), False)])
+def test_a_diverged_env_terminates_with_zeroed_outputs_in_both_wrappers(bad, flagged):
+    """At the step where the physics diverges (NaN flagged as done by Playground, or inf that
+    is not), both wrappers end the episode as terminated (never bootstrapped), hand back a
+    zero final observation and reward, keep the return finite, and continue from a fresh
+    episode; the two wrappers' outputs are identical."""
+    env, num_envs = DivergingEnv(bad, flagged), 2
+    wrapped = rj.AutoResetEnv(env, num_envs, episode_length=10)
+    state = wrapped.reset(jax.random.PRNGKey(0), randomize_steps=False)
+    torch_reset, torch_step = rt.make_jax_auto_reset(env, num_envs, episode_length=10)
+    carry = torch_reset(jax.random.PRNGKey(0), randomize_steps=False)
+    carry = (state.physics, state.obs, state.step_count, state.episode_return, state.episode_length,
+             state.from_reset, state.reset_pool, state.pool_fresh, carry[-1])  # fmt: skip
+    action = jnp.zeros((num_envs, 1))
+    jax_step, torch_step = jax.jit(wrapped.step), jax.jit(torch_step)
+    for _ in range(2):  # the second step diverges
+        _, key_reset = jax.random.split(carry[-1])  # what the bridge's step draws from its carried key
+        state, result = jax_step(state, action, key_reset)
+        carry, outputs = torch_step(carry, action)
+        expected = [result.next_obs, result.final_obs, result.reward, result.terminated, result.truncated,
+                    result.episode_done, result.episode_return, result.episode_length]  # fmt: skip
+        for name, ours, theirs in zip(["next_obs", "final_obs", "reward"] + ["flags"] * 3 + ["return", "length"],
+                                      outputs, expected, strict=True):  # fmt: skip
+            np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), err_msg=name)
+    np.testing.assert_array_equal(result.terminated, True)
+    np.testing.assert_array_equal(result.truncated, False)
+    np.testing.assert_array_equal(result.final_obs, 0.0)
+    np.testing.assert_array_equal(result.reward, 0.0)
+    np.testing.assert_array_equal(result.next_obs, 3.0)  # a fresh episode
+    np.testing.assert_array_equal(result.episode_return, 1.0)  # the first step's reward alone
+    np.testing.assert_array_equal(result.episode_length, 2)
+
+
 def test_mujoco_warp_steps_through_the_bridge_as_mjx_does():
     """--impl warp in reppo_torch.py: MuJoCo Warp's state holds batch-wide contact buffers
     (leaves without the env axis), which the bridge keeps from the step. Over three episodes
