@@ -19,8 +19,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # pool of two threads each would oversubscribe the cores (OpenMP's spinning threads then make
 # every kernel wait for a descheduled partner: 10-70x slowdowns measured here).
 if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
-    cores = sorted(os.sched_getaffinity(0))
-    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= len(cores):  # else: threads only
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []  # Linux only
+    if 0 < int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= len(cores):  # else: threads only
         os.sched_setaffinity(0, {cores[int(os.environ["PYTEST_XDIST_WORKER"][2:])]})
     for name in ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"]:
         os.environ[name] = "1"
@@ -148,7 +148,7 @@ def interrupt_a_run(script, runs_dir, timeout=300, rows=2, twice=False, extra_ar
 
 
 # ---- order: the longest files first ------------------------------------------------------
-# With `-n 2 --dist loadfile` (README), pytest-xdist hands out whole files in this order, so
+# With `-n 2` (README) and `--dist loadfile` (pyproject.toml), pytest-xdist hands out whole files in this order, so
 # the two learning tests (minutes each) start at once on the two workers and the many short
 # files fill in behind them, instead of one learning test running alone at the end.
 LONGEST_FIRST = [
