@@ -375,8 +375,8 @@ class AutoResetEnv:
         # DM Control tasks only "terminate" when the physics diverges: Playground flags a NaN
         # state; a state that overflowed to inf without a NaN (a non-finite observation or
         # reward with done = 0) has diverged too, and is treated the same.
-        finite = jnp.isfinite(stepped.obs).all(axis=-1) & jnp.isfinite(stepped.reward)
-        terminated = (stepped.done > 0) | ~finite
+        obs_finite, reward_finite = jnp.isfinite(stepped.obs), jnp.isfinite(stepped.reward)
+        terminated = (stepped.done > 0) | ~(obs_finite.all(axis=-1) & reward_finite)
         step_count = state.step_count + 1
         truncated = (step_count >= self.episode_length) & ~terminated
         done = terminated | truncated
@@ -385,8 +385,8 @@ class AutoResetEnv:
         # time-limit step bootstraps from its real next state instead of being masked out.
         # A diverged state has a non-finite observation and reward; it is never bootstrapped from
         # (terminated), and zeroing it keeps NaN out of the networks and the statistics.
-        final_obs = jnp.where(jnp.isfinite(stepped.obs), stepped.obs, 0.0)
-        reward = jnp.where(jnp.isfinite(stepped.reward), stepped.reward, 0.0)
+        final_obs = jnp.where(obs_finite, stepped.obs, 0.0)
+        reward = jnp.where(reward_finite, stepped.reward, 0.0)
         episode_return = state.episode_return + reward
         episode_length = state.episode_length + 1
 

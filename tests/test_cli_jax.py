@@ -283,13 +283,8 @@ def test_the_cpu_warning_counts_every_seed_still_to_run(monkeypatch, capsys):
     assert "this run's 21,600,000 env steps would take about 4 hours" in capsys.readouterr().err
 
 
-def test_wandb_hears_whether_the_run_completed(tmp_path, monkeypatch):
-    """--track: a run that completes finishes its wandb run with exit code 0; one stopped by a
-    non-finite loss with 1, so that wandb shows it as failed."""
-    run = StubWandbRun()
-    monkeypatch.setattr(rj, "start_wandb", lambda args, run_dir, run_name: run)
-    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--track"]
-    assert rj.main([*argv, "--runs-dir", str(tmp_path / "completes")]) == 0
+def poison_critic_loss(monkeypatch):
+    """Make every critic loss (and its logged value) NaN from the first update on."""
     real_critic_loss = rj.critic_loss
 
     def poisoned(*args, **kwargs):
@@ -297,6 +292,16 @@ def test_wandb_hears_whether_the_run_completed(tmp_path, monkeypatch):
         return loss * float("nan"), {**info, "losses/critic_loss": loss * float("nan")}
 
     monkeypatch.setattr(rj, "critic_loss", poisoned)
+
+
+def test_wandb_hears_whether_the_run_completed(tmp_path, monkeypatch):
+    """--track: a run that completes finishes its wandb run with exit code 0; one stopped by a
+    non-finite loss with 1, so that wandb shows it as failed."""
+    run = StubWandbRun()
+    monkeypatch.setattr(rj, "start_wandb", lambda args, run_dir, run_name: run)
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--track"]
+    assert rj.main([*argv, "--runs-dir", str(tmp_path / "completes")]) == 0
+    poison_critic_loss(monkeypatch)
     assert rj.main([*argv, "--runs-dir", str(tmp_path / "stops")]) == 2
     assert run.exit_codes == [0, 1]
 
@@ -316,13 +321,7 @@ def test_the_first_non_finite_metric_names_its_iteration_and_seeds():
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
-    real_critic_loss = rj.critic_loss
-
-    def poisoned(*args, **kwargs):
-        loss, info = real_critic_loss(*args, **kwargs)
-        return loss * float("nan"), {**info, "losses/critic_loss": loss * float("nan")}
-
-    monkeypatch.setattr(rj, "critic_loss", poisoned)
+    poison_critic_loss(monkeypatch)
     code = rj.main([*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path), "--save-model"])
     assert code == 2
     err = capsys.readouterr().err

@@ -291,6 +291,17 @@ def test_the_cpu_warning_estimates_the_hours_of_the_steps_still_to_run(monkeypat
     assert "this run's 10,800,000 env steps would take about 2 hours" in capsys.readouterr().err
 
 
+def poison_critic_loss(monkeypatch):
+    """Make every critic loss (and its logged value) NaN from the first update on."""
+    real_critic_loss = rt.critic_loss
+
+    def poisoned(*args, **kwargs):
+        loss, info = real_critic_loss(*args, **kwargs)
+        return loss * float("nan"), {**info, "losses/critic_loss": loss.detach() * float("nan")}
+
+    monkeypatch.setattr(rt, "critic_loss", poisoned)
+
+
 def test_wandb_hears_whether_the_run_completed(tmp_path, monkeypatch):
     """--track: a run that completes finishes its wandb run with exit code 0; one stopped by a
     non-finite loss with 1, so that wandb shows it as failed."""
@@ -298,25 +309,13 @@ def test_wandb_hears_whether_the_run_completed(tmp_path, monkeypatch):
     monkeypatch.setattr(rt, "start_wandb", lambda args, run_dir, run_name: run)
     argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--track"]
     assert rt.main([*argv, "--runs-dir", str(tmp_path / "completes")]) == 0
-    real_critic_loss = rt.critic_loss
-
-    def poisoned(*args, **kwargs):
-        loss, info = real_critic_loss(*args, **kwargs)
-        return loss * float("nan"), {**info, "losses/critic_loss": loss.detach() * float("nan")}
-
-    monkeypatch.setattr(rt, "critic_loss", poisoned)
+    poison_critic_loss(monkeypatch)
     assert rt.main([*argv, "--runs-dir", str(tmp_path / "stops")]) == 2
     assert run.exit_codes == [0, 1]
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
-    real_critic_loss = rt.critic_loss
-
-    def poisoned(*args, **kwargs):
-        loss, info = real_critic_loss(*args, **kwargs)
-        return loss * float("nan"), {**info, "losses/critic_loss": loss.detach() * float("nan")}
-
-    monkeypatch.setattr(rt, "critic_loss", poisoned)
+    poison_critic_loss(monkeypatch)
     code = rt.main([*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path), "--save-model"])
     assert code == 2
     err = capsys.readouterr().err
