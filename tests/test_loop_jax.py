@@ -18,24 +18,35 @@ import reppo_jax as rj
 
 
 def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypatch):
+    """Also the losses' other inputs (SPEC section 8): each actor loss gets kl_bound and the
+    critic just updated on the same minibatch, each critic loss aux_coef; vmin and vmax both."""
     args = rj.resolve_args(rj.parse_args(["--env-id", "CartpoleBalance", "--preset", "cpu"]))
     args = dataclasses.replace(args, num_envs=4, num_steps=8, num_mini_batches=2, num_epochs=3)
+    args = dataclasses.replace(args, kl_bound=0.07, aux_coef=0.3, vmin=-2.0, vmax=140.0)  # none equal to another
     args = dataclasses.replace(args, actor_hidden=32, critic_hidden=32, episode_length=50)
     env = rj.make_env(args.env_id, args.impl, args.episode_length)
     agent = rj.make_agent(args, env)
     state = jax.jit(agent.init)(jax.random.PRNGKey(0))
     state, _ = jax.jit(agent.train_chunk, static_argnums=1)(state, 1)  # a trained actor, a moved normaliser
 
-    actor_inputs, targets = [], []
+    actor_inputs, targets, critics, constants = [], [], [], set()
     real_actor_loss, real_critic_loss = rj.actor_loss, rj.critic_loss
+
+    def record_critic(caller, critic):  # every critic parameter, flattened, and who got it
+        flat = jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(nnx.state(critic, nnx.Param))])
+        jax.debug.callback(lambda x: critics.append((caller, np.asarray(x))), flat, ordered=True)
 
     def recording_actor_loss(actor, log_alpha, log_beta, critic, obs, old_mean, old_std, *rest):
         record = lambda *xs: actor_inputs.append([np.asarray(x) for x in xs])  # noqa: E731
         jax.debug.callback(record, obs, old_mean, old_std, ordered=True)
+        record_critic("actor", critic)
+        constants.add(("actor", rest[2], *rest[4:]))  # kl_bound, vmin, vmax: Python floats at trace time
         return real_actor_loss(actor, log_alpha, log_beta, critic, obs, old_mean, old_std, *rest)
 
     def recording_critic_loss(critic, obs, action, target_return, *rest):
         jax.debug.callback(lambda x: targets.append(np.asarray(x)), target_return, ordered=True)
+        record_critic("critic", critic)
+        constants.add(("critic", *rest[3:]))  # vmin, vmax, aux_coef
         return real_critic_loss(critic, obs, action, target_return, *rest)
 
     # The agent's functions look the losses up when they are traced; JAX keeps the traces of
@@ -55,6 +66,14 @@ def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypa
         np.testing.assert_allclose(old_std, std, rtol=1e-5, atol=1e-6)
     obs, old_mean, _ = actor_inputs[-1]
     assert np.abs(trained_actor(obs)[0] - old_mean).max() > 1e-4  # the actor did move meanwhile
+    assert constants == {("actor", 0.07, -2.0, 140.0), ("critic", -2.0, 140.0, 0.3)}
+    # Update k: the critic loss gets critic k, the actor loss critic k + 1 (just updated),
+    # which the next update's critic loss gets too.
+    assert [caller for caller, _ in critics] == ["critic", "actor"] * len(targets)
+    for k in range(len(targets)):
+        assert not np.array_equal(critics[2 * k][1], critics[2 * k + 1][1])
+        if k + 1 < len(targets):
+            np.testing.assert_array_equal(critics[2 * k + 1][1], critics[2 * k + 2][1])
     # Each epoch is a permutation of the same batch with the same targets.
     n = args.num_mini_batches
     per_epoch = [np.concatenate(targets[e * n : (e + 1) * n]) for e in range(args.num_epochs)]
@@ -129,8 +148,9 @@ def test_collection_bootstraps_from_the_true_final_observation_and_keeps_its_nor
         returns_inputs.append((gamma, lmbda))  # Python floats, seen at trace time
         return real_returns(soft_reward, next_value, terminated, truncated, gamma, lmbda)
 
-    def recording_critic_loss(critic, obs, *rest):
-        jax.debug.callback(lambda x: critic_obs.append(np.asarray(x)), obs, ordered=True)
+    def recording_critic_loss(critic, obs, *rest):  # rest[3:5]: the aux head's reward and terminated
+        row = lambda *xs: np.concatenate([np.asarray(x).reshape(len(obs), -1) for x in xs], 1)  # noqa: E731
+        jax.debug.callback(lambda *xs: critic_obs.append(row(*xs)), obs, rest[3], rest[4], ordered=True)
         return real_critic_loss(critic, obs, *rest)
 
     monkeypatch.setattr(rj.AutoResetEnv, "step", recording_step)
@@ -161,7 +181,12 @@ def test_collection_bootstraps_from_the_true_final_observation_and_keeps_its_nor
     raw_obs = np.concatenate([np.asarray(state.env.obs)] + [s[1] for s in steps[:-1]])  # (T N, O), t-major
     collected = np.asarray(rj.normalize(state.normalizer, raw_obs))
     assert not np.allclose(collected, rj.normalize(new_state.normalizer, raw_obs))
+    # With each s_t the critic loss gets the env's reward r_t (not the soft reward) and
+    # terminated_t (not truncated_t), t-major as raw_obs.
+    env_reward = np.concatenate([s[2] for s in steps])[:, None]
+    env_terminated = np.concatenate([s[3] for s in steps])[:, None]
     first_epoch = np.concatenate(critic_obs[: args.num_mini_batches])
+    collected = np.concatenate([collected, env_reward, env_terminated], 1)
     np.testing.assert_allclose(sorted_rows(first_epoch), sorted_rows(collected), rtol=1e-6, atol=1e-6)
 
 

@@ -14,18 +14,27 @@ import reppo_torch as rt
 
 
 def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypatch):
-    trainer = make_trainer()
+    """Also the losses' other inputs (SPEC section 8): each actor loss gets kl_bound and the
+    critic just updated on the same minibatch, each critic loss aux_coef; vmin and vmax both."""
+    trainer = make_trainer(kl_bound=0.07, aux_coef=0.3)  # vmin 0, vmax 150: none equal to another
     trainer.train_iteration()  # a trained actor and a non-trivial normaliser to start from
     collecting_actor = copy.deepcopy(trainer.actor)
-    actor_inputs, targets = [], []
+    actor_inputs, targets, critics, constants = [], [], [], set()
     real_actor_loss, real_critic_loss = rt.actor_loss, rt.critic_loss
+
+    def record_critic(caller, critic):  # every critic parameter, flattened, and who got it
+        critics.append((caller, torch.cat([p.detach().flatten() for p in critic.parameters()])))
 
     def recording_actor_loss(actor, log_alpha, log_beta, critic, obs, old_mean, old_std, *rest):
         actor_inputs.append((obs.clone(), old_mean.clone(), old_std.clone()))
+        record_critic("actor", critic)
+        constants.add(("actor", rest[2], *rest[4:]))  # kl_bound, vmin, vmax
         return real_actor_loss(actor, log_alpha, log_beta, critic, obs, old_mean, old_std, *rest)
 
     def recording_critic_loss(critic, obs, action, target_return, *rest):
         targets.append(target_return.clone())
+        record_critic("critic", critic)
+        constants.add(("critic", *rest[3:]))  # vmin, vmax, aux_coef
         return real_critic_loss(critic, obs, action, target_return, *rest)
 
     monkeypatch.setattr(rt, "actor_loss", recording_actor_loss)
@@ -40,6 +49,14 @@ def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypa
             torch.testing.assert_close(old_std, std)
         obs, old_mean, _ = actor_inputs[-1]
         assert (trainer.actor(obs)[0] - old_mean).abs().max() > 1e-4  # the actor did move meanwhile
+    assert constants == {("actor", 0.07, 0.0, 150.0), ("critic", 0.0, 150.0, 0.3)}
+    # Update k: the critic loss gets critic k, the actor loss critic k + 1 (just updated),
+    # which the next update's critic loss gets too.
+    assert [caller for caller, _ in critics] == ["critic", "actor"] * len(targets)
+    for k in range(len(targets)):
+        assert not torch.equal(critics[2 * k][1], critics[2 * k + 1][1])
+        if k + 1 < len(targets):
+            assert torch.equal(critics[2 * k + 1][1], critics[2 * k + 2][1])
     # Each epoch is a permutation of the same batch with the same targets.
     n = args.num_mini_batches
     per_epoch = [torch.cat(targets[e * n : (e + 1) * n]) for e in range(args.num_epochs)]
@@ -82,8 +99,8 @@ def test_collection_bootstraps_from_the_true_final_observation_and_keeps_its_nor
         returns_inputs.append((gamma, lmbda))
         return real_returns(soft_reward, next_value, terminated, truncated, gamma, lmbda)
 
-    def recording_critic_loss(critic, obs, *rest):
-        critic_obs.append(obs.clone())
+    def recording_critic_loss(critic, obs, *rest):  # rest[3:5]: the aux head's reward and terminated
+        critic_obs.append(torch.cat([obs, rest[3][:, None], rest[4][:, None]], 1))
         return real_critic_loss(critic, obs, *rest)
 
     monkeypatch.setattr(trainer.env, "step", recording_step)
@@ -115,8 +132,13 @@ def test_collection_bootstraps_from_the_true_final_observation_and_keeps_its_nor
     # s_t: the first observation, then each step's next_obs; normalised as during collection.
     raw_obs = torch.cat([first_raw_obs] + [s.next_obs for s in steps[:-1]])  # (T N, O), t-major
     assert not torch.equal(rt.normalize(normalizer, raw_obs), rt.normalize(trainer.normalizer, raw_obs))
+    # With each s_t the critic loss gets the env's reward r_t (not the soft reward) and
+    # terminated_t (not truncated_t), t-major as raw_obs.
+    env_reward = torch.cat([s.reward for s in steps])[:, None]
+    env_terminated = torch.cat([s.terminated for s in steps])[:, None]
+    collected = torch.cat([rt.normalize(normalizer, raw_obs), env_reward, env_terminated], 1)
     first_epoch = torch.cat(critic_obs[: trainer.args.num_mini_batches])
-    torch.testing.assert_close(sorted_rows(first_epoch), sorted_rows(rt.normalize(normalizer, raw_obs)))
+    torch.testing.assert_close(sorted_rows(first_epoch), sorted_rows(collected))
 
 
 def test_bootstrap_matches_a_float64_reference():

@@ -111,6 +111,39 @@ def test_the_trust_region_is_decided_per_state(setup):
         np.testing.assert_allclose(got, ((B - n_out) * g_in + n_out * g_out) / B, rtol=1e-4, atol=1e-6)
 
 
+def antithetic(noise):
+    """(M/2, B, A) noise -> (M, B, A) with its negation appended: the samples' mean is exactly zero."""
+    return jnp.concatenate([noise, -noise])
+
+
+def old_mean_at_kl(mean, std, kl):
+    """pi_old's mean such that, with antithetic KL samples, each state's KL estimate is exactly
+    `kl` (B,). With equal stds, log pi_old(a) - log pi(a) = d^2 / (2 std^2) + d eps / std per
+    dimension at the sample u = old_mean + std eps, d the shift of the mean (the tanh Jacobians
+    cancel at the same sample); the eps term averages to zero, so a shift of
+    std * sqrt(2 kl / A) in every dimension gives KL = kl."""
+    return mean + std * jnp.sqrt(2.0 * kl[:, None] / mean.shape[-1])
+
+
+def test_the_trust_region_bound_is_on_each_states_kl_as_it_is(setup):
+    """SPEC section 8 near the bound: states at 0.8 and 1.2 times kl_bound are inside and
+    outside. A bound scaled by the action size, or applied per dimension, would put every state
+    on one side; the far-away states of the tests above cannot tell."""
+    actor, critic, obs, action_noise, _ = setup
+    # Samples of +-0.5 std: none reaches the sample clip (|u| > 4.95), which would break the
+    # exactness above (this actor's |mean| < 1.8 and std < 2.4 here).
+    signs = jax.random.rademacher(jax.random.PRNGKey(2), (M // 2, B, ACT), jnp.float32)
+    kl_noise = antithetic(0.5 * signs)
+    mean, std = actor(obs)
+    bound = 0.1
+    kl = jnp.where(jnp.arange(B) % 2 == 0, 0.8 * bound, 1.2 * bound)
+    old_mean = old_mean_at_kl(mean, std, kl)
+    np.testing.assert_allclose(rj.policy_kl(old_mean, std, mean, std, kl_noise), kl, rtol=1e-3)
+    args = (jnp.log(0.05), jnp.log(3.0))
+    _, info, _, _, _ = loss_and_grads(actor, critic, obs, old_mean, std, action_noise, kl_noise, *args, kl_bound=bound)
+    assert float(info["policy/kl_outside_frac"]) == 0.5
+
+
 def test_temperature_falls_when_entropy_is_above_target_and_rises_below(setup):
     actor, critic, obs, action_noise, kl_noise = setup
     mean, std = actor(obs)

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 from scipy import integrate, stats
-from test_math_jax import lambda_mixture, naive_tanh_normal_log_prob, random_rollout, recursive_loop
+from test_math_jax import (
+    lambda_mixture,
+    naive_policy_kl,
+    naive_tanh_normal_log_prob,
+    random_rollout,
+    recursive_loop,
+    saturated_policies,
+)
 
 import reppo_torch as rt
 
@@ -143,6 +150,14 @@ def test_policy_kl_converges_to_closed_form_gaussian_kl():
     ]
     assert abs(estimates[1] - closed) < 0.02 * closed + 1e-3
     assert abs(estimates[1] - closed) < abs(estimates[0] - closed) + 1e-3
+
+
+def test_policy_kl_matches_a_float64_reference_where_samples_are_clipped():
+    """SPEC's sample clip +-(1 - 1e-4) where it matters (about half the samples are clipped)."""
+    old_mean, old_std, mean, std, noise = saturated_policies(np.random.default_rng(7))
+    want = naive_policy_kl(old_mean, old_std, mean, std, noise)
+    got = rt.policy_kl(*(t(x) for x in (old_mean, old_std, mean, std, noise))).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)  # as in tests/test_math_jax.py
 
 
 # ---------------------------------------------------------------------------- normaliser

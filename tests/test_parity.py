@@ -10,6 +10,7 @@ import optax
 import pytest
 import torch
 from flax import nnx
+from test_losses_jax import antithetic, old_mean_at_kl
 
 import reppo_jax as rj
 import reppo_torch as rt
@@ -120,6 +121,66 @@ def test_network_outputs_agree(nets):
     close(rt.q_value(torch_logits, VMIN, VMAX), rj.q_value(logits, VMIN, VMAX), atol=1e-4)
 
 
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def spec_networks(actor: dict, critic: dict, obs: np.ndarray, action: np.ndarray) -> dict:
+    """SPEC section 2 written out in float64 numpy, from torch-named weights ("<layer>.weight"
+    (out, in), "<layer>.bias", "<normed layer>.norm.weight"): a normed layer is Linear ->
+    RMSNorm (epsilon 1e-6) -> SiLU; Q = sum_i softmax(logits)_i c_i, c = linspace(vmin, vmax, bins)."""
+
+    def linear(p, name, x):
+        return x @ p[name + ".weight"].T + p[name + ".bias"]
+
+    def normed(p, name, x):
+        h = linear(p, name + ".linear", x)
+        return silu(h / np.sqrt((h**2).mean(-1, keepdims=True) + 1e-6) * p[name + ".norm.weight"])
+
+    out = linear(actor, "head", normed(actor, "hidden2", normed(actor, "hidden1", obs)))
+    z = linear(critic, "encoder_out", normed(critic, "encoder", np.concatenate([obs, action], -1)))
+    logits = linear(critic, "q_out", normed(critic, "q_hidden", silu(z))) + 40.0 * critic["zero_dist"]
+    aux = linear(critic, "aux_out", normed(critic, "aux_hidden", silu(z)))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    q = (probs / probs.sum(-1, keepdims=True)) @ np.linspace(VMIN, VMAX, BINS)
+    mean, log_std = out[:, :ACT], out[:, ACT:]
+    return {"mean": mean, "std": np.exp(log_std) + 0.1, "logits": logits, "features": z,
+            "reward_pred": aux[:, 0], "next_pred": aux[:, 1:], "q": q}  # fmt: skip
+
+
+def test_both_files_networks_are_spec_2s(nets):
+    """Parity alone would pass a change made in both files (a dropped SiLU, another layer
+    order, another Q support); this holds both to SPEC section 2, with the fixture's perturbed
+    weights."""
+    jax_actor, jax_critic, torch_actor, torch_critic, batch = nets
+    weights = [
+        {name: value.double().numpy() for name, value in m.state_dict().items()} for m in (torch_actor, torch_critic)
+    ]
+    want = spec_networks(*weights, batch["obs"].astype(np.float64), batch["action"].astype(np.float64))
+    obs, action = jnp.asarray(batch["obs"]), jnp.asarray(batch["action"])
+    logits, features = jax_critic(obs, action)
+    jax_got = dict(zip(("mean", "std"), jax_actor(obs))) | {"logits": logits, "features": features}
+    jax_got |= dict(zip(("reward_pred", "next_pred"), jax_critic.aux(features)))
+    jax_got["q"] = rj.q_value(logits, VMIN, VMAX)
+    with torch.no_grad():
+        logits, features = torch_critic(t(batch["obs"]), t(batch["action"]))
+        torch_got = dict(zip(("mean", "std"), torch_actor(t(batch["obs"])))) | {"logits": logits, "features": features}
+        torch_got |= dict(zip(("reward_pred", "next_pred"), torch_critic.aux(features)))
+        torch_got["q"] = rt.q_value(logits, VMIN, VMAX)
+    for got in (jax_got, torch_got):
+        assert set(got) == set(want)
+        for name in want:
+            np.testing.assert_allclose(np.asarray(got[name]), want[name], rtol=1e-5, atol=1e-4, err_msg=name)
+    # The offset 40 * zero_dist keeps these Q near 0, where the support hardly matters: the
+    # read-out again on spread-out logits, whose Q lie across [vmin, vmax].
+    logits = np.random.default_rng(6).normal(scale=3.0, size=(B, BINS))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    q = (probs / probs.sum(-1, keepdims=True)) @ np.linspace(VMIN, VMAX, BINS)
+    assert np.ptp(q) > 10.0
+    close(rt.q_value(t(logits), VMIN, VMAX), q, rtol=1e-5, atol=1e-4)
+    close(rj.q_value(jnp.asarray(logits, jnp.float32), VMIN, VMAX), q, rtol=1e-5, atol=1e-4)
+
+
 def test_fresh_critics_have_the_same_zero_offset():
     jax_critic = rj.Critic(OBS, ACT, HIDDEN, BINS, VMIN, VMAX, nnx.Rngs(0))
     torch_critic = rt.Critic(OBS, ACT, HIDDEN, BINS, VMIN, VMAX)
@@ -218,8 +279,18 @@ def test_critic_loss_and_gradients_agree(nets):
     compare_grads(grads, torch_critic, torch_grads)
 
 
-def test_actor_alpha_beta_losses_and_gradients_agree(nets):
+@pytest.mark.parametrize("near_bound", [False, True])
+def test_actor_alpha_beta_losses_and_gradients_agree(nets, near_bound):
+    """far: the fixture's pi_old, every third state far outside the trust region; near: every
+    state's KL at 0.8 or 1.2 times the bound (exactly, by tests/test_losses_jax.py's construction),
+    so that a bound compared differently in one file shows."""
     jax_actor, jax_critic, torch_actor, torch_critic, batch = nets
+    if near_bound:
+        mean, std = jax_actor(jnp.asarray(batch["obs"]))
+        kl = jnp.where(jnp.arange(B) % 2 == 0, 0.08, 0.12)  # the objectives' kl_bound is 0.1
+        signs = jax.random.rademacher(jax.random.PRNGKey(5), (M // 2, B, ACT), jnp.float32)
+        near = {"old_mean": old_mean_at_kl(mean, std, kl), "old_std": std, "kl_noise": antithetic(0.5 * signs)}
+        batch = {**batch, **{name: np.asarray(value) for name, value in near.items()}}
     graph, params = nnx.split(jax_actor, nnx.Param)
     log_alpha, log_beta = jnp.log(jnp.float32(0.05)), jnp.log(jnp.float32(2.0))
     variables = (params, log_alpha, log_beta)
@@ -230,6 +301,8 @@ def test_actor_alpha_beta_losses_and_gradients_agree(nets):
     torch_log_beta = torch.tensor(float(log_beta), requires_grad=True)
     torch_loss, torch_info = torch_actor_objective(torch_actor, torch_log_alpha, torch_log_beta, torch_critic, batch)
     assert 0.0 < float(info["policy/kl_outside_frac"]) < 1.0  # both branches present
+    if near_bound:
+        assert float(info["policy/kl_outside_frac"]) == 0.5
     close(torch_loss, loss, rtol=1e-5, atol=1e-5)
     assert set(torch_info) == set(info)
     for name in info:
