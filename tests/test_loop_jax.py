@@ -259,3 +259,50 @@ def test_the_optimisers_and_the_entropy_target_are_spec_9s(monkeypatch):
     assert jax.tree.structure(state.critic_opt[1][0].mu) == jax.tree.structure(state.critic)
     jax.eval_shape(lambda initial: agent.train_chunk(initial, 1), state)
     assert targets == [-0.25 * 1]  # CountdownEnv has one action dimension
+
+
+class ActionRewardEnv:
+    """A pure-JAX env whose observation stays at its reset value (normal, from the reset key)
+    and whose reward is the action's first entry; episodes never end before the time limit."""
+
+    observation_size = 3
+    action_size = 2
+
+    def reset(self, key):
+        return self._state(jax.random.normal(key, (3,)) * 2.0 + 1.0, 0.0)
+
+    def step(self, state, action):
+        return self._state(state.obs, action[0])
+
+    @staticmethod
+    def _state(obs, reward):
+        from mujoco_playground._src.mjx_env import State
+
+        return State(
+            data=jnp.zeros(()), obs=obs, reward=jnp.float32(reward), done=jnp.float32(0.0), metrics={}, info={}
+        )
+
+
+def test_evaluation_plays_the_deterministic_policy_with_the_frozen_normaliser():
+    """SPEC section 10: the evaluation action is tanh(mean) (clipped as every executed action),
+    the observation normalised with the evaluated state's statistics. Here each step's reward
+    is that action's first entry at a constant observation, so an episode's return is
+    episode_length times it; a sampled action, or another normaliser, would not give it."""
+    args = rj.resolve_args(rj.parse_args(["--env-id", "CartpoleBalance", "--preset", "cpu"]))
+    args = dataclasses.replace(args, num_envs=4, num_steps=8, num_mini_batches=2, num_epochs=1, num_eval_envs=5)
+    args = dataclasses.replace(args, actor_hidden=32, critic_hidden=32, episode_length=10)
+    env = ActionRewardEnv()
+    agent = rj.make_agent(args, env)
+    state = agent.init(jax.random.PRNGKey(0))
+    moved = rj.normalizer_update(state.normalizer, jax.random.normal(jax.random.PRNGKey(1), (64, 3)) * 3.0 - 2.0)
+    state = state._replace(normalizer=moved)
+    key = jax.random.PRNGKey(3)
+    returns = np.asarray(jax.jit(agent.evaluate)(state, key))
+    obs = rj.AutoResetEnv(env, args.num_eval_envs, args.episode_length).reset(key, randomize_steps=False).obs
+    graph = nnx.graphdef(rj._build_networks(args, env.observation_size, env.action_size, nnx.Rngs(0))[0])
+    mean, _ = nnx.merge(graph, state.actor)(rj.normalize(state.normalizer, obs))
+    action = np.clip(np.tanh(np.asarray(mean, np.float64)), -0.999, 0.999)
+    np.testing.assert_allclose(returns, args.episode_length * action[:, 0], rtol=1e-5, atol=1e-5)
+    assert np.ptp(action[:, 0]) > 0.01  # the five envs' observations and actions differ
+    fresh, _ = nnx.merge(graph, state.actor)(rj.normalize(rj.normalizer_init(3), obs))
+    assert np.abs(np.tanh(fresh[:, 0]) - action[:, 0]).max() > 0.01  # the normaliser matters here

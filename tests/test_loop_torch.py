@@ -5,8 +5,10 @@ collection's bootstraps (against a float64 reference) feed the targets; the opti
 clipping and the entropy target are SPEC section 9's."""
 
 import copy
+import dataclasses
 import math
 
+import numpy as np
 import torch
 from test_compile_torch import make_minibatch, make_trainer
 
@@ -203,3 +205,43 @@ def test_the_optimisers_and_the_entropy_target_are_spec_9s(monkeypatch):
     trainer.update_minibatch(make_minibatch(0))
     assert clips == [(len(critic_params), 0.7), (len(actor_params), 0.7)]
     assert targets == [-0.25 * trainer.action_size]
+
+
+class ActionRewardEnv:
+    """Evaluation envs whose observation stays at its reset value and whose reward is the
+    action's first entry; episodes never end before the time limit."""
+
+    suite = "dm_control"
+    num_envs = 5
+
+    def reset(self, randomize_steps, key=None):
+        self.obs = torch.linspace(-3.0, 4.0, self.num_envs * 3).reshape(self.num_envs, 3)
+        return self.obs
+
+    def step(self, action):
+        zeros = torch.zeros(self.num_envs)
+        return rt.StepResult(self.obs, self.obs, action[:, 0], zeros, zeros, zeros > 0, zeros, zeros, zeros, zeros)
+
+
+def test_evaluation_plays_the_deterministic_policy_with_the_frozen_normaliser():
+    """SPEC section 10: the evaluation action is tanh(mean) (clipped as every executed action),
+    the observation normalised with the trainer's statistics; `stochastic=True` samples pi
+    instead. Each step's reward is that action's first entry at a constant observation, so an
+    episode's return is episode_length times it. The twin of the test in tests/test_loop_jax.py."""
+    trainer = make_trainer(num_eval_envs=5)
+    trainer.args = dataclasses.replace(trainer.args, episode_length=10)
+    trainer.actor = rt.Actor(3, 2, 32, trainer.args.min_std)  # this env's sizes
+    moved = rt.normalizer_update(
+        rt.normalizer_init(3), torch.randn(64, 3, generator=torch.Generator().manual_seed(1)) * 3 - 2
+    )
+    trainer.normalizer, trainer.eval_env = moved, ActionRewardEnv()
+    returns = trainer.evaluate()["return"]
+    with torch.no_grad():
+        obs = trainer.eval_env.reset(randomize_steps=False)
+        mean, _ = trainer.actor(rt.normalize(moved, obs))
+        fresh, _ = trainer.actor(rt.normalize(rt.normalizer_init(3), obs))
+    action = torch.tanh(mean.double()).clamp(-0.999, 0.999)[:, 0].numpy()
+    np.testing.assert_allclose(returns, 10 * action, rtol=1e-5, atol=1e-5)
+    assert np.ptp(action) > 0.01  # the five envs' observations and actions differ
+    assert np.abs(torch.tanh(fresh[:, 0]).numpy() - action).max() > 0.01  # the normaliser matters here
+    assert np.abs(trainer.evaluate(stochastic=True)["return"] - returns).max() > 0.01
