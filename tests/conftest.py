@@ -3,6 +3,8 @@
 import os
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -53,23 +55,41 @@ def require(module: str, pip_spec: str, problem: str | None = None) -> None:
 
 
 class StubWandbRun:
-    """Stands in for a wandb run (start_wandb's result): records how it was finished."""
+    """Stands in for a wandb run (start_wandb's result): records what was logged and how the
+    run was finished."""
 
     def __init__(self):
-        self.exit_codes = []
+        self.exit_codes, self.logged = [], []
 
-    def log(self, *args, **kwargs):
-        pass
+    def log(self, data, step=None):
+        self.logged.append((data, step))
 
     def finish(self, exit_code=0):
         self.exit_codes.append(exit_code)
 
 
-# A run small enough to finish in seconds after compilation (CartpoleBalance, 50-step episodes).
+def fake_wandb(monkeypatch) -> list:
+    """Replace the wandb package by one whose init() records its keyword arguments and returns
+    a StubWandbRun; returns the list of (kwargs, run), one per init()."""
+    import types
+
+    inits = []
+
+    def init(**kwargs):
+        inits.append((kwargs, StubWandbRun()))
+        return inits[-1][1]
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    return inits
+
+
+# A run small enough to finish in seconds after compilation (CartpoleBalance, 16-step episodes:
+# complete training episodes end by the fourth iteration, so a comparison of two runs' rows
+# covers the charts/episodic_* columns too).
 TINY = [
     "--env-id", "CartpoleBalance", "--preset", "cpu", "--num-envs", "8", "--num-steps", "8",
     "--num-mini-batches", "2", "--num-epochs", "1", "--actor-hidden", "32", "--critic-hidden", "32",
-    "--episode-length", "50", "--num-eval-envs", "2", "--log-interval", "2", "--no-progress",
+    "--episode-length", "16", "--num-eval-envs", "2", "--log-interval", "2", "--no-progress",
 ]  # fmt: skip
 BATCH = 8 * 8  # env steps per iteration of TINY
 
@@ -92,6 +112,17 @@ def run_script(script, *argv, check=True, timeout=600):
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         return list(csv.DictReader(f))
+
+
+def assert_same_rows(run_dir, other_run_dir):
+    """The two runs' metrics.csv rows agree in every column but the speed, empty cells included."""
+    rows, other_rows = read_metrics(run_dir), read_metrics(other_run_dir)
+    assert [r["global_step"] for r in rows] == [r["global_step"] for r in other_rows]
+    for a, b in zip(rows, other_rows):
+        assert a.keys() == b.keys() and [k for k in a if (a[k] == "") != (b[k] == "")] == []
+        for column in a:
+            if column not in ("charts/SPS",) and a[column] != "":
+                np.testing.assert_allclose(float(a[column]), float(b[column]), rtol=1e-5, atol=1e-6, err_msg=column)
 
 
 def only_run(runs_dir):

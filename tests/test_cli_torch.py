@@ -13,7 +13,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import BATCH, TINY, StubWandbRun, interrupt_a_run, only_run, read_metrics, require, run_script
+from conftest import (
+    BATCH,
+    TINY,
+    StubWandbRun,
+    assert_same_rows,
+    fake_wandb,
+    interrupt_a_run,
+    only_run,
+    read_metrics,
+    require,
+    run_script,
+)
 
 import reppo_torch as rt
 
@@ -41,6 +52,8 @@ def test_preset_cpu_changes_the_defaults_and_flags_still_win():
     args = rt.parse_args(["--preset", "cpu"])
     assert (args.num_envs, args.num_mini_batches, args.actor_hidden, args.critic_hidden) == (64, 4, 256, 256)
     assert (args.num_steps, args.num_epochs, args.kl_bound) == (32, 8, 0.1)
+    assert args.log_interval == 20
+    assert rt.parse_args(["--preset=cpu"]) == args  # the "=" form too
     assert rt.parse_args(["--preset", "cpu", "--num-envs", "32"]).num_envs == 32
     paper = rt.parse_args([])
     assert (paper.num_envs, paper.num_mini_batches, paper.critic_hidden) == (1024, 16, 512)
@@ -97,7 +110,7 @@ def test_tiny_run_writes_args_metrics_and_checkpoint(full_run):
         assert column in rows[0]
     for row in rows[1:]:
         assert np.isfinite(float(row["losses/critic_loss"])) and float(row["charts/SPS"]) > 0
-        assert 0 < float(row["eval/episodic_return"]) <= 50  # at most 1 per step, 50 steps
+        assert 0 < float(row["eval/episodic_return"]) <= 16  # at most 1 per step, 16 steps
     payload = torch.load(os.path.join(full_run, "checkpoint.pt"), weights_only=True)
     assert payload["global_step"] == 4 * BATCH and payload["args"]["seed"] == 3
     state = payload["trainer"]
@@ -145,6 +158,27 @@ def test_track_logs_a_wandb_run_offline(tmp_path):
     assert [int(r["global_step"]) for r in read_metrics(run_dir)] == [0, 2 * BATCH]
 
 
+def test_track_logs_every_row_and_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """With a recording stand-in for wandb: init gets the run folder's name as the run id with
+    resume="allow" (so --resume --track continues the same wandb run) and the arguments as
+    config; each log point sends the metrics.csv row's filled cells at its global_step."""
+    inits = fake_wandb(monkeypatch)
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path), "--save-model", "--track"]
+    assert rt.main(argv) == 0
+    run_dir = only_run(tmp_path)
+    assert rt.main(["--resume", os.path.join(run_dir, "checkpoint.pt"), "--total-timesteps", str(4 * BATCH)]) == 0
+    (first, first_run), (resumed, resumed_run) = inits
+    assert first["id"] == resumed["id"] == os.path.basename(run_dir) and first["resume"] == resumed["resume"] == "allow"
+    assert first["config"]["env_id"] == "CartpoleBalance" and first["config"]["num_envs"] == 8
+    rows = read_metrics(run_dir)
+    assert [step for _, step in first_run.logged + resumed_run.logged] == [int(r["global_step"]) for r in rows]
+    for (data, _), row in zip(first_run.logged + resumed_run.logged, rows):
+        assert set(data) == {name for name, value in row.items() if value != ""} - {"global_step", "seed"}
+        for name, value in data.items():
+            np.testing.assert_allclose(value, float(row[name]), rtol=1e-6, err_msg=name)
+    assert first_run.exit_codes == resumed_run.exit_codes == [0]
+
+
 def test_track_that_cannot_start_says_what_to_do(tmp_path, monkeypatch, capsys):
     """--track online with no wandb login, then without wandb installed: one clear message and
     exit code 2 (no traceback), and the fresh run's folder is removed again."""
@@ -180,15 +214,19 @@ def test_flags_a_checkpoint_overrides_are_named(full_run, capsys):
     assert "ignored: --log-interval, --no-track" in err and "--total-timesteps" not in err
 
 
-def assert_same_rows(run_dir, other_run_dir):
-    """The two runs' metrics.csv rows agree in every column but the speed."""
-    rows, other_rows = read_metrics(run_dir), read_metrics(other_run_dir)
-    assert [r["global_step"] for r in rows] == [r["global_step"] for r in other_rows]
-    for a, b in zip(rows, other_rows):
-        assert a.keys() == b.keys() and [k for k in a if (a[k] == "") != (b[k] == "")] == []
-        for column in a:
-            if column not in ("charts/SPS",) and a[column] != "":
-                np.testing.assert_allclose(float(a[column]), float(b[column]), rtol=1e-5, atol=1e-6, err_msg=column)
+def test_save_model_saves_at_every_log_point(tmp_path, monkeypatch):
+    """Not only at the end: a run killed between log points (out of memory, pre-empted) keeps
+    the last log point's checkpoint."""
+    saved, real_save = [], rt.save_checkpoint
+
+    def recording_save(path, state, args, global_step, *rest):
+        saved.append(global_step)
+        return real_save(path, state, args, global_step, *rest)
+
+    monkeypatch.setattr(rt, "save_checkpoint", recording_save)
+    argv = [*TINY, "--total-timesteps", str(6 * BATCH), "--runs-dir", str(tmp_path), "--save-model"]
+    assert rt.main(argv) == 0
+    assert saved == [2 * BATCH, 4 * BATCH, 6 * BATCH]
 
 
 def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
@@ -201,6 +239,7 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
         record = json.load(f)
     assert record["command"] == "python " + shlex.join(["reppo_torch.py", *argv])
     assert record["resumed_by"] == ["python " + shlex.join(["reppo_torch.py", *resume])]
+    assert read_metrics(full_run)[-1]["charts/episodic_return"] != ""  # the episodes' columns count too
     assert_same_rows(half, full_run)
     resumed_state = torch.load(os.path.join(half, "checkpoint.pt"), weights_only=True)["trainer"]
     unbroken_state = torch.load(os.path.join(full_run, "checkpoint.pt"), weights_only=True)["trainer"]
@@ -239,6 +278,8 @@ def test_a_ctrl_c_between_log_points_resumes_to_the_same_rows(full_run, tmp_path
         (["--env-id", "PickSingleYCB-v1"], "needs assets that are not downloaded: ycb"),
         (["--env-id", "AnymalC-Reach-v1"], "needs assets that are not downloaded: anymal_c"),  # the robot's
         (["--num-envs", "10", "--num-steps", "3", "--num-mini-batches", "4"], "10 * 3 = 30 is not divisible by"),
+        (["--num-mini-batches", "0"], "--num-mini-batches must be at least 1, got 0"),
+        (["--num-seeds", "0"], "--num-seeds must be at least 1, got 0"),
         (["--eval-only"], "--eval-only needs --checkpoint PATH"),
         (["--resume", "/nonexistent/checkpoint.pt"], "does not exist"),
         (["--total-timesteps", "10"], "smaller than one iteration"),
