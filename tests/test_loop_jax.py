@@ -18,19 +18,24 @@ import reppo_jax as rj
 
 
 def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypatch):
-    """Also the losses' other inputs (SPEC section 8): each actor loss gets kl_bound and the
-    critic just updated on the same minibatch, each critic loss aux_coef; vmin and vmax both."""
+    """Also the losses' other inputs (SPEC section 8): each actor loss gets kl_bound, M =
+    num_kl_samples KL samples, an actor with the std floor min_std and the critic just updated
+    on the same minibatch, each critic loss aux_coef, vmin and vmax both; collection draws K =
+    num_value_samples value samples and executes actions clipped to +-0.999 (SPEC section 6;
+    min_std 2.5 makes |u| > atanh(0.999) ~= 3.8 frequent)."""
     args = rj.resolve_args(rj.parse_args(["--env-id", "CartpoleBalance", "--preset", "cpu"]))
     args = dataclasses.replace(args, num_envs=4, num_steps=8, num_mini_batches=2, num_epochs=3)
     args = dataclasses.replace(args, kl_bound=0.07, aux_coef=0.3, vmin=-2.0, vmax=140.0)  # none equal to another
+    args = dataclasses.replace(args, num_value_samples=3, num_kl_samples=5, min_std=2.5)
     args = dataclasses.replace(args, actor_hidden=32, critic_hidden=32, episode_length=50)
     env = rj.make_env(args.env_id, args.impl, args.episode_length)
     agent = rj.make_agent(args, env)
     state = jax.jit(agent.init)(jax.random.PRNGKey(0))
     state, _ = jax.jit(agent.train_chunk, static_argnums=1)(state, 1)  # a trained actor, a moved normaliser
 
-    actor_inputs, targets, critics, constants = [], [], [], set()
+    actor_inputs, targets, critics, constants, actions = [], [], [], set(), []
     real_actor_loss, real_critic_loss = rj.actor_loss, rj.critic_loss
+    real_bootstrap, real_step = rj.bootstrap, rj.AutoResetEnv.step
 
     def record_critic(caller, critic):  # every critic parameter, flattened, and who got it
         flat = jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(nnx.state(critic, nnx.Param))])
@@ -40,8 +45,17 @@ def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypa
         record = lambda *xs: actor_inputs.append([np.asarray(x) for x in xs])  # noqa: E731
         jax.debug.callback(record, obs, old_mean, old_std, ordered=True)
         record_critic("actor", critic)
-        constants.add(("actor", rest[2], *rest[4:]))  # kl_bound, vmin, vmax: Python floats at trace time
+        # kl_bound, vmin, vmax (Python floats at trace time), M, the std floor
+        constants.add(("actor", rest[2], *rest[4:], rest[1].shape[0], actor.min_std))
         return real_actor_loss(actor, log_alpha, log_beta, critic, obs, old_mean, old_std, *rest)
+
+    def recording_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, noise, *rest):
+        constants.add(("bootstrap", noise.shape[0]))  # K
+        return real_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, noise, *rest)
+
+    def recording_step(self, env_state, action, key, auto_reset=True):
+        jax.debug.callback(lambda a: actions.append(np.asarray(a)), action, ordered=True)
+        return real_step(self, env_state, action, key, auto_reset)
 
     def recording_critic_loss(critic, obs, action, target_return, *rest):
         jax.debug.callback(lambda x: targets.append(np.asarray(x)), target_return, ordered=True)
@@ -53,6 +67,8 @@ def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypa
     # the agent above, so a second agent of the same configuration is traced with the patch.
     monkeypatch.setattr(rj, "actor_loss", recording_actor_loss)
     monkeypatch.setattr(rj, "critic_loss", recording_critic_loss)
+    monkeypatch.setattr(rj, "bootstrap", recording_bootstrap)
+    monkeypatch.setattr(rj.AutoResetEnv, "step", recording_step)
     new_state, _ = jax.jit(rj.make_agent(args, env).train_chunk, static_argnums=1)(state, 1)
     jax.effects_barrier()
 
@@ -66,7 +82,9 @@ def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypa
         np.testing.assert_allclose(old_std, std, rtol=1e-5, atol=1e-6)
     obs, old_mean, _ = actor_inputs[-1]
     assert np.abs(trained_actor(obs)[0] - old_mean).max() > 1e-4  # the actor did move meanwhile
-    assert constants == {("actor", 0.07, -2.0, 140.0), ("critic", -2.0, 140.0, 0.3)}
+    assert constants == {("actor", 0.07, -2.0, 140.0, 5, 2.5), ("critic", -2.0, 140.0, 0.3), ("bootstrap", 3)}
+    actions = np.abs(np.stack(actions))
+    assert len(actions) == args.num_steps and actions.max() == np.float32(0.999)  # some were clipped
     # Update k: the critic loss gets critic k, the actor loss critic k + 1 (just updated),
     # which the next update's critic loss gets too.
     assert [caller for caller, _ in critics] == ["critic", "actor"] * len(targets)
@@ -227,12 +245,13 @@ def test_bootstrap_matches_a_float64_reference():
 def test_the_optimisers_and_the_entropy_target_are_spec_9s(monkeypatch):
     """SPEC section 9: Adam (lr, optax's default betas and eps) after global-norm clipping to
     max_grad_norm, one chain per network; the actor's also holds log_alpha and log_beta (one
-    clipping over all three); the entropy target is -ent_target_mult * action_size. The twin of
-    the test of the same name in tests/test_loop_torch.py."""
+    clipping over all three); the entropy target is -ent_target_mult * action_size; alpha and
+    beta start at ent_start and kl_start. The twin of the test of the same name in
+    tests/test_loop_torch.py."""
     args = rj.resolve_args(rj.parse_args(["--env-id", "CartpoleBalance", "--preset", "cpu"]))
     args = dataclasses.replace(args, num_envs=4, num_steps=8, num_mini_batches=2, num_epochs=1, episode_length=3)
     args = dataclasses.replace(args, actor_hidden=32, critic_hidden=32, learning_rate=2e-4, max_grad_norm=0.7)
-    args = dataclasses.replace(args, ent_target_mult=0.25)
+    args = dataclasses.replace(args, ent_target_mult=0.25, ent_start=0.02, kl_start=0.05)  # kl_bound stays 0.1
     calls, targets = [], []
     real_clip, real_adam, real_actor_loss = rj.optax.clip_by_global_norm, rj.optax.adam, rj.actor_loss
 
@@ -259,6 +278,8 @@ def test_the_optimisers_and_the_entropy_target_are_spec_9s(monkeypatch):
     assert jax.tree.structure(state.critic_opt[1][0].mu) == jax.tree.structure(state.critic)
     jax.eval_shape(lambda initial: agent.train_chunk(initial, 1), state)
     assert targets == [-0.25 * 1]  # CountdownEnv has one action dimension
+    initial = agent.init(jax.random.PRNGKey(0))
+    np.testing.assert_allclose(np.exp([initial.log_alpha, initial.log_beta]), [0.02, 0.05], rtol=1e-6)
 
 
 class ActionRewardEnv:

@@ -16,13 +16,18 @@ import reppo_torch as rt
 
 
 def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypatch):
-    """Also the losses' other inputs (SPEC section 8): each actor loss gets kl_bound and the
-    critic just updated on the same minibatch, each critic loss aux_coef; vmin and vmax both."""
-    trainer = make_trainer(kl_bound=0.07, aux_coef=0.3)  # vmin 0, vmax 150: none equal to another
+    """Also the losses' other inputs (SPEC section 8): each actor loss gets kl_bound, M =
+    num_kl_samples KL samples, an actor with the std floor min_std and the critic just updated
+    on the same minibatch, each critic loss aux_coef, vmin and vmax both; collection draws K =
+    num_value_samples value samples and executes actions clipped to +-0.999 (SPEC section 6;
+    min_std 2.5 makes |u| > atanh(0.999) ~= 3.8 frequent)."""
+    switches = {"kl_bound": 0.07, "aux_coef": 0.3, "num_value_samples": 3, "num_kl_samples": 5, "min_std": 2.5}
+    trainer = make_trainer(**switches)  # vmin 0, vmax 150: none equal to another
     trainer.train_iteration()  # a trained actor and a non-trivial normaliser to start from
     collecting_actor = copy.deepcopy(trainer.actor)
-    actor_inputs, targets, critics, constants = [], [], [], set()
+    actor_inputs, targets, critics, constants, actions = [], [], [], set(), []
     real_actor_loss, real_critic_loss = rt.actor_loss, rt.critic_loss
+    real_bootstrap, real_step = trainer.bootstrap_fn, trainer.env.step
 
     def record_critic(caller, critic):  # every critic parameter, flattened, and who got it
         critics.append((caller, torch.cat([p.detach().flatten() for p in critic.parameters()])))
@@ -30,8 +35,16 @@ def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypa
     def recording_actor_loss(actor, log_alpha, log_beta, critic, obs, old_mean, old_std, *rest):
         actor_inputs.append((obs.clone(), old_mean.clone(), old_std.clone()))
         record_critic("actor", critic)
-        constants.add(("actor", rest[2], *rest[4:]))  # kl_bound, vmin, vmax
+        constants.add(("actor", rest[2], *rest[4:], rest[1].shape[0], actor.min_std))  # kl_bound, vmin, vmax, M
         return real_actor_loss(actor, log_alpha, log_beta, critic, obs, old_mean, old_std, *rest)
+
+    def recording_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, noise, *rest):
+        constants.add(("bootstrap", noise.shape[0]))  # K
+        return real_bootstrap(actor, critic, alpha, normalizer, final_obs, reward, terminated, noise, *rest)
+
+    def recording_step(action):
+        actions.append(action.clone())
+        return real_step(action)
 
     def recording_critic_loss(critic, obs, action, target_return, *rest):
         targets.append(target_return.clone())
@@ -41,6 +54,8 @@ def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypa
 
     monkeypatch.setattr(rt, "actor_loss", recording_actor_loss)
     monkeypatch.setattr(rt, "critic_loss", recording_critic_loss)
+    monkeypatch.setattr(trainer, "bootstrap_fn", recording_bootstrap)
+    monkeypatch.setattr(trainer.env, "step", recording_step)
     trainer.train_iteration()
     args = trainer.args
     assert len(actor_inputs) == len(targets) == args.num_epochs * args.num_mini_batches
@@ -51,7 +66,9 @@ def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypa
             torch.testing.assert_close(old_std, std)
         obs, old_mean, _ = actor_inputs[-1]
         assert (trainer.actor(obs)[0] - old_mean).abs().max() > 1e-4  # the actor did move meanwhile
-    assert constants == {("actor", 0.07, 0.0, 150.0), ("critic", 0.0, 150.0, 0.3)}
+    assert constants == {("actor", 0.07, 0.0, 150.0, 5, 2.5), ("critic", 0.0, 150.0, 0.3), ("bootstrap", 3)}
+    actions = torch.stack(actions).abs()
+    assert len(actions) == args.num_steps and actions.max() == torch.tensor(0.999)  # some were clipped
     # Update k: the critic loss gets critic k, the actor loss critic k + 1 (just updated),
     # which the next update's critic loss gets too.
     assert [caller for caller, _ in critics] == ["critic", "actor"] * len(targets)
@@ -180,8 +197,11 @@ def test_the_optimisers_and_the_entropy_target_are_spec_9s(monkeypatch):
     """SPEC section 9: Adam (lr 3e-4, optax's betas and eps, no weight decay) for each network;
     the actor's optimiser also holds log_alpha and log_beta; each step clips the gradient of
     everything it updates jointly, by global norm, to max_grad_norm; the entropy target is
-    -ent_target_mult * action_size."""
-    trainer = make_trainer(learning_rate=2e-4, max_grad_norm=0.7, ent_target_mult=0.25)
+    -ent_target_mult * action_size; alpha and beta start at ent_start and kl_start."""
+    trainer = make_trainer(learning_rate=2e-4, max_grad_norm=0.7, ent_target_mult=0.25, ent_start=0.02, kl_start=0.05)
+    torch.testing.assert_close(
+        torch.exp(torch.stack([trainer.log_alpha, trainer.log_beta])), torch.tensor([0.02, 0.05])
+    )
     actor_params = list(trainer.actor.parameters()) + [trainer.log_alpha, trainer.log_beta]
     critic_params = list(trainer.critic.parameters())
     for optimizer, params in ((trainer.actor_opt, actor_params), (trainer.critic_opt, critic_params)):
@@ -236,6 +256,7 @@ def test_evaluation_plays_the_deterministic_policy_with_the_frozen_normaliser():
     )
     trainer.normalizer, trainer.eval_env = moved, ActionRewardEnv()
     returns = trainer.evaluate()["return"]
+    assert trainer.normalizer is moved  # evaluation leaves the statistics as they were
     with torch.no_grad():
         obs = trainer.eval_env.reset(randomize_steps=False)
         mean, _ = trainer.actor(rt.normalize(moved, obs))

@@ -209,9 +209,12 @@ def test_critic_loss_is_cross_entropy_plus_masked_aux(setup):
     np.testing.assert_allclose(loss, (ce + 0.5 * aux).mean(), rtol=1e-5)
 
 
-def test_untrained_critic_predicts_about_zero(setup):
-    _, critic, obs, action_noise, _ = setup
+@pytest.mark.parametrize("vmin, vmax", [(VMIN, VMAX), (-15.0, 15.0)])
+def test_untrained_critic_predicts_about_zero(setup, vmin, vmax):
+    """IMPLEMENTATION DETAIL 1: the 40 * hl_gauss(0) logit offset; 0, not vmin (-15, ManiSkill's)."""
+    _, _, obs, action_noise, _ = setup
+    critic = rj.Critic(OBS, ACT, 32, 51, vmin, vmax, nnx.Rngs(0))
     logits, _ = critic(obs, jnp.tanh(action_noise))
-    q = np.asarray(rj.q_value(logits, VMIN, VMAX))
-    # Measured: 4.8e-6 here; a 20 * hl_gauss(0) offset would leave ~0.03, no offset the middle, 75.
+    q = np.asarray(rj.q_value(logits, vmin, vmax))
+    # Measured: 4.8e-6 at [0, 150]; a 20 * hl_gauss(0) offset would leave ~0.03, no offset the middle, 75.
     assert np.abs(q).max() < 1e-3

@@ -85,6 +85,9 @@ def test_log_prob_is_finite_at_the_boundary():
     log_prob = rj.tanh_normal_log_prob(jnp.array([[1.0, -1.0]]), jnp.zeros((1, 2)), jnp.ones((1, 2)))
     clipped = rj.tanh_normal_log_prob(jnp.array([[1 - 1e-6, -(1 - 1e-6)]]), jnp.zeros((1, 2)), jnp.ones((1, 2)))
     assert np.isfinite(np.asarray(log_prob)).all() and np.array_equal(log_prob, clipped)
+    inside = np.float32(1 - 1e-5)  # not clipped: the naive value, not the one at the clip
+    ours = rj.tanh_normal_log_prob(jnp.array([[inside]]), jnp.zeros((1, 1)), jnp.ones((1, 1)))
+    np.testing.assert_allclose(ours, naive_tanh_normal_log_prob([[inside]], [[0.0]], [[1.0]]), rtol=1e-4)
 
 
 @pytest.mark.parametrize("mean, std", [(0.0, 0.5), (0.7, 0.3), (-1.2, 1.0)])

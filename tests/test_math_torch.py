@@ -90,6 +90,9 @@ def test_log_prob_is_finite_at_the_boundary():
     log_prob = rt.tanh_normal_log_prob(t([[1.0, -1.0]]), t([[0.0, 0.0]]), t([[1.0, 1.0]]))
     clipped = rt.tanh_normal_log_prob(t([[1 - 1e-6, -(1 - 1e-6)]]), t([[0.0, 0.0]]), t([[1.0, 1.0]]))
     assert torch.isfinite(log_prob).all() and torch.equal(log_prob, clipped)
+    inside = np.float32(1 - 1e-5)  # not clipped: the naive value, not the one at the clip
+    ours = rt.tanh_normal_log_prob(t([[inside]]), t([[0.0]]), t([[1.0]])).numpy()
+    np.testing.assert_allclose(ours, naive_tanh_normal_log_prob([[inside]], [[0.0]], [[1.0]]), rtol=1e-4)
 
 
 @pytest.mark.parametrize("mean, std", [(0.0, 0.5), (0.7, 0.3), (-1.2, 1.0)])
@@ -188,13 +191,14 @@ def test_normalizer_accepts_time_major_batches():
 # ------------------------------------------------------------------------------ networks
 
 
-def test_untrained_critic_predicts_about_zero():
-    """IMPLEMENTATION DETAIL 1: the 40 * hl_gauss(0) logit offset."""
+@pytest.mark.parametrize("vmin, vmax", [(0.0, 150.0), (-15.0, 15.0)])
+def test_untrained_critic_predicts_about_zero(vmin, vmax):
+    """IMPLEMENTATION DETAIL 1: the 40 * hl_gauss(0) logit offset; 0, not vmin (-15, ManiSkill's)."""
     torch.manual_seed(0)
-    critic = rt.Critic(5, 3, 32, 51, 0.0, 150.0)
+    critic = rt.Critic(5, 3, 32, 51, vmin, vmax)
     logits, _ = critic(torch.randn(32, 5), torch.tanh(torch.randn(32, 3)))
-    # Measured: 1.0e-5 here; a 20 * hl_gauss(0) offset would leave 0.029, no offset the middle, 75.
-    assert rt.q_value(logits, 0.0, 150.0).abs().max() < 1e-3
+    # Measured: 1.0e-5 at [0, 150]; a 20 * hl_gauss(0) offset would leave 0.029, no offset the middle, 75.
+    assert rt.q_value(logits, vmin, vmax).abs().max() < 1e-3
 
 
 def test_actor_std_has_a_floor():
