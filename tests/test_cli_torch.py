@@ -476,6 +476,24 @@ def test_ctrl_c_in_the_last_iteration_still_saves_a_checkpoint(tmp_path, monkeyp
     assert payload["global_step"] == 2 * BATCH
 
 
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """The second Ctrl-C raises inside the running iteration, whose state may then be half
+    updated: no checkpoint (a resume from it would not be exact), exit code 130."""
+    real_train_iteration = rt.Trainer.train_iteration
+
+    def ctrl_c_twice_in_iteration_3(trainer):
+        if trainer.iteration == 2:
+            handler = signal.getsignal(signal.SIGINT)  # the run's own handler, called as SIGINT would
+            handler(signal.SIGINT, None)  # the first: finish this iteration, then save
+            handler(signal.SIGINT, None)  # the second: stop now (raises KeyboardInterrupt)
+        return real_train_iteration(trainer)
+
+    monkeypatch.setattr(rt.Trainer, "train_iteration", ctrl_c_twice_in_iteration_3)
+    assert rt.main([*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path)]) == 130
+    assert "interrupted twice, inside an iteration: no checkpoint written" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(only_run(tmp_path), "checkpoint.pt"))
+
+
 def test_num_seeds_runs_each_seed_in_its_own_folder(tmp_path):
     assert rt.main([*TINY, "--total-timesteps", str(BATCH), "--runs-dir", str(tmp_path), "--num-seeds", "2"]) == 0
     folders = sorted(glob.glob(os.path.join(tmp_path, "*")))
