@@ -188,6 +188,43 @@ LONGEST_FIRST = [
 ]  # fmt: skip
 
 
+def check_track_and_resume(main, checkpoint_name, runs_dir, monkeypatch) -> None:
+    """--track with a recording stand-in for wandb (fake_wandb), then --resume of that run: init
+    gets the run folder's name as the run id with resume="allow" (so the resumed run continues
+    the same wandb run) and the arguments as config; each log point sends the metrics.csv row's
+    filled cells at its global_step; both runs finish with exit code 0."""
+    inits = fake_wandb(monkeypatch)
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(runs_dir), "--save-model", "--track"]
+    assert main(argv) == 0
+    run_dir = only_run(runs_dir)
+    assert main(["--resume", os.path.join(run_dir, checkpoint_name), "--total-timesteps", str(4 * BATCH)]) == 0
+    (first, first_run), (resumed, resumed_run) = inits
+    assert first["id"] == resumed["id"] == os.path.basename(run_dir) and first["resume"] == resumed["resume"] == "allow"
+    assert first["config"]["env_id"] == "CartpoleBalance" and first["config"]["num_envs"] == 8
+    rows = read_metrics(run_dir)
+    assert [step for _, step in first_run.logged + resumed_run.logged] == [int(r["global_step"]) for r in rows]
+    for (data, _), row in zip(first_run.logged + resumed_run.logged, rows):
+        assert set(data) == {name for name, value in row.items() if value != ""} - {"global_step", "seed"}
+        for name, value in data.items():
+            np.testing.assert_allclose(value, float(row[name]), rtol=1e-6, err_msg=name)
+    assert first_run.exit_codes == resumed_run.exit_codes == [0]
+
+
+def check_saves_at_every_log_point(module, runs_dir, monkeypatch) -> None:
+    """--save-model saves at every log point, not only at the end: a run killed between log
+    points (out of memory, pre-empted) keeps the last log point's checkpoint."""
+    saved, real_save = [], module.save_checkpoint
+
+    def recording_save(path, state, args, global_step, *rest):
+        saved.append(global_step)
+        return real_save(path, state, args, global_step, *rest)
+
+    monkeypatch.setattr(module, "save_checkpoint", recording_save)
+    argv = [*TINY, "--total-timesteps", str(6 * BATCH), "--runs-dir", str(runs_dir), "--save-model"]
+    assert module.main(argv) == 0
+    assert saved == [2 * BATCH, 4 * BATCH, 6 * BATCH]
+
+
 def pytest_collection_modifyitems(items):
     def rank(item):
         name = os.path.basename(str(item.path))

@@ -18,7 +18,8 @@ from conftest import (
     TINY,
     StubWandbRun,
     assert_same_rows,
-    fake_wandb,
+    check_saves_at_every_log_point,
+    check_track_and_resume,
     interrupt_a_run,
     only_run,
     read_metrics,
@@ -159,24 +160,7 @@ def test_track_logs_a_wandb_run_offline(tmp_path):
 
 
 def test_track_logs_every_row_and_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
-    """With a recording stand-in for wandb: init gets the run folder's name as the run id with
-    resume="allow" (so --resume --track continues the same wandb run) and the arguments as
-    config; each log point sends the metrics.csv row's filled cells at its global_step."""
-    inits = fake_wandb(monkeypatch)
-    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path), "--save-model", "--track"]
-    assert rt.main(argv) == 0
-    run_dir = only_run(tmp_path)
-    assert rt.main(["--resume", os.path.join(run_dir, "checkpoint.pt"), "--total-timesteps", str(4 * BATCH)]) == 0
-    (first, first_run), (resumed, resumed_run) = inits
-    assert first["id"] == resumed["id"] == os.path.basename(run_dir) and first["resume"] == resumed["resume"] == "allow"
-    assert first["config"]["env_id"] == "CartpoleBalance" and first["config"]["num_envs"] == 8
-    rows = read_metrics(run_dir)
-    assert [step for _, step in first_run.logged + resumed_run.logged] == [int(r["global_step"]) for r in rows]
-    for (data, _), row in zip(first_run.logged + resumed_run.logged, rows):
-        assert set(data) == {name for name, value in row.items() if value != ""} - {"global_step", "seed"}
-        for name, value in data.items():
-            np.testing.assert_allclose(value, float(row[name]), rtol=1e-6, err_msg=name)
-    assert first_run.exit_codes == resumed_run.exit_codes == [0]
+    check_track_and_resume(rt.main, "checkpoint.pt", tmp_path, monkeypatch)
 
 
 def test_track_that_cannot_start_says_what_to_do(tmp_path, monkeypatch, capsys):
@@ -215,18 +199,7 @@ def test_flags_a_checkpoint_overrides_are_named(full_run, capsys):
 
 
 def test_save_model_saves_at_every_log_point(tmp_path, monkeypatch):
-    """Not only at the end: a run killed between log points (out of memory, pre-empted) keeps
-    the last log point's checkpoint."""
-    saved, real_save = [], rt.save_checkpoint
-
-    def recording_save(path, state, args, global_step, *rest):
-        saved.append(global_step)
-        return real_save(path, state, args, global_step, *rest)
-
-    monkeypatch.setattr(rt, "save_checkpoint", recording_save)
-    argv = [*TINY, "--total-timesteps", str(6 * BATCH), "--runs-dir", str(tmp_path), "--save-model"]
-    assert rt.main(argv) == 0
-    assert saved == [2 * BATCH, 4 * BATCH, 6 * BATCH]
+    check_saves_at_every_log_point(rt, tmp_path, monkeypatch)
 
 
 def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
