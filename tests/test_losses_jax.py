@@ -111,18 +111,19 @@ def test_the_trust_region_is_decided_per_state(setup):
         np.testing.assert_allclose(got, ((B - n_out) * g_in + n_out * g_out) / B, rtol=1e-4, atol=1e-6)
 
 
-def antithetic(noise):
-    """(M/2, B, A) noise -> (M, B, A) with its negation appended: the samples' mean is exactly zero."""
-    return jnp.concatenate([noise, -noise])
+def states_near_the_bound(mean, std, bound, key, num_samples):
+    """pi_old (old_mean; old_std = std) and KL samples that put every even state's KL estimate
+    at exactly 0.8 * bound and every odd one's at 1.2 * bound. Returns (old_mean, kl_noise, kl).
 
-
-def old_mean_at_kl(mean, std, kl):
-    """pi_old's mean such that, with antithetic KL samples, each state's KL estimate is exactly
-    `kl` (B,). With equal stds, log pi_old(a) - log pi(a) = d^2 / (2 std^2) + d eps / std per
-    dimension at the sample u = old_mean + std eps, d the shift of the mean (the tanh Jacobians
-    cancel at the same sample); the eps term averages to zero, so a shift of
-    std * sqrt(2 kl / A) in every dimension gives KL = kl."""
-    return mean + std * jnp.sqrt(2.0 * kl[:, None] / mean.shape[-1])
+    With equal stds, log pi_old(a) - log pi(a) = d^2 / (2 std^2) + d eps / std per dimension at
+    the sample u = old_mean + std eps, d the shift of the mean (the tanh Jacobians cancel at the
+    same sample). Antithetic samples (each eps with its negation) average the eps term to zero,
+    so a shift of std * sqrt(2 kl / A) in every dimension gives KL = kl. The samples are +-0.5
+    std, so that none reaches the sample clip (|u| > 4.95), which would break the exactness."""
+    kl = jnp.where(jnp.arange(mean.shape[0]) % 2 == 0, 0.8 * bound, 1.2 * bound)
+    half = 0.5 * jax.random.rademacher(key, (num_samples // 2, *mean.shape), jnp.float32)
+    old_mean = mean + std * jnp.sqrt(2.0 * kl[:, None] / mean.shape[-1])
+    return old_mean, jnp.concatenate([half, -half]), kl
 
 
 def test_the_trust_region_bound_is_on_each_states_kl_as_it_is(setup):
@@ -130,14 +131,9 @@ def test_the_trust_region_bound_is_on_each_states_kl_as_it_is(setup):
     outside. A bound scaled by the action size, or applied per dimension, would put every state
     on one side; the far-away states of the tests above cannot tell."""
     actor, critic, obs, action_noise, _ = setup
-    # Samples of +-0.5 std: none reaches the sample clip (|u| > 4.95), which would break the
-    # exactness above (this actor's |mean| < 1.8 and std < 2.4 here).
-    signs = jax.random.rademacher(jax.random.PRNGKey(2), (M // 2, B, ACT), jnp.float32)
-    kl_noise = antithetic(0.5 * signs)
-    mean, std = actor(obs)
+    mean, std = actor(obs)  # here |mean| < 1.8 and std < 2.4, so no sample reaches the clip
     bound = 0.1
-    kl = jnp.where(jnp.arange(B) % 2 == 0, 0.8 * bound, 1.2 * bound)
-    old_mean = old_mean_at_kl(mean, std, kl)
+    old_mean, kl_noise, kl = states_near_the_bound(mean, std, bound, jax.random.PRNGKey(2), M)
     np.testing.assert_allclose(rj.policy_kl(old_mean, std, mean, std, kl_noise), kl, rtol=1e-3)
     args = (jnp.log(0.05), jnp.log(3.0))
     _, info, _, _, _ = loss_and_grads(actor, critic, obs, old_mean, std, action_noise, kl_noise, *args, kl_bound=bound)

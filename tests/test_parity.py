@@ -10,7 +10,7 @@ import optax
 import pytest
 import torch
 from flax import nnx
-from test_losses_jax import antithetic, old_mean_at_kl
+from test_losses_jax import states_near_the_bound
 
 import reppo_jax as rj
 import reppo_torch as rt
@@ -125,10 +125,16 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
+def spec_q(logits: np.ndarray) -> np.ndarray:
+    """Q = sum_i softmax(logits)_i c_i, support c = linspace(vmin, vmax, bins), in float64."""
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return (probs / probs.sum(-1, keepdims=True)) @ np.linspace(VMIN, VMAX, BINS)
+
+
 def spec_networks(actor: dict, critic: dict, obs: np.ndarray, action: np.ndarray) -> dict:
     """SPEC section 2 written out in float64 numpy, from torch-named weights ("<layer>.weight"
     (out, in), "<layer>.bias", "<normed layer>.norm.weight"): a normed layer is Linear ->
-    RMSNorm (epsilon 1e-6) -> SiLU; Q = sum_i softmax(logits)_i c_i, c = linspace(vmin, vmax, bins)."""
+    RMSNorm (epsilon 1e-6) -> SiLU; Q as spec_q."""
 
     def linear(p, name, x):
         return x @ p[name + ".weight"].T + p[name + ".bias"]
@@ -141,11 +147,9 @@ def spec_networks(actor: dict, critic: dict, obs: np.ndarray, action: np.ndarray
     z = linear(critic, "encoder_out", normed(critic, "encoder", np.concatenate([obs, action], -1)))
     logits = linear(critic, "q_out", normed(critic, "q_hidden", silu(z))) + 40.0 * critic["zero_dist"]
     aux = linear(critic, "aux_out", normed(critic, "aux_hidden", silu(z)))
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    q = (probs / probs.sum(-1, keepdims=True)) @ np.linspace(VMIN, VMAX, BINS)
     mean, log_std = out[:, :ACT], out[:, ACT:]
     return {"mean": mean, "std": np.exp(log_std) + 0.1, "logits": logits, "features": z,
-            "reward_pred": aux[:, 0], "next_pred": aux[:, 1:], "q": q}  # fmt: skip
+            "reward_pred": aux[:, 0], "next_pred": aux[:, 1:], "q": spec_q(logits)}  # fmt: skip
 
 
 def test_both_files_networks_are_spec_2s(nets):
@@ -174,8 +178,7 @@ def test_both_files_networks_are_spec_2s(nets):
     # The offset 40 * zero_dist keeps these Q near 0, where the support hardly matters: the
     # read-out again on spread-out logits, whose Q lie across [vmin, vmax].
     logits = np.random.default_rng(6).normal(scale=3.0, size=(B, BINS))
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    q = (probs / probs.sum(-1, keepdims=True)) @ np.linspace(VMIN, VMAX, BINS)
+    q = spec_q(logits)
     assert np.ptp(q) > 10.0
     close(rt.q_value(t(logits), VMIN, VMAX), q, rtol=1e-5, atol=1e-4)
     close(rj.q_value(jnp.asarray(logits, jnp.float32), VMIN, VMAX), q, rtol=1e-5, atol=1e-4)
@@ -287,9 +290,8 @@ def test_actor_alpha_beta_losses_and_gradients_agree(nets, near_bound):
     jax_actor, jax_critic, torch_actor, torch_critic, batch = nets
     if near_bound:
         mean, std = jax_actor(jnp.asarray(batch["obs"]))
-        kl = jnp.where(jnp.arange(B) % 2 == 0, 0.08, 0.12)  # the objectives' kl_bound is 0.1
-        signs = jax.random.rademacher(jax.random.PRNGKey(5), (M // 2, B, ACT), jnp.float32)
-        near = {"old_mean": old_mean_at_kl(mean, std, kl), "old_std": std, "kl_noise": antithetic(0.5 * signs)}
+        old_mean, kl_noise, _ = states_near_the_bound(mean, std, 0.1, jax.random.PRNGKey(5), M)  # the objectives' bound
+        near = {"old_mean": old_mean, "old_std": std, "kl_noise": kl_noise}
         batch = {**batch, **{name: np.asarray(value) for name, value in near.items()}}
     graph, params = nnx.split(jax_actor, nnx.Param)
     log_alpha, log_beta = jnp.log(jnp.float32(0.05)), jnp.log(jnp.float32(2.0))
