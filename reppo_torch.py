@@ -126,6 +126,10 @@ class Args:
     control_mode: str = "pd_joint_delta_pos"
     """ManiSkill3 controller (the authors' choice); one with its own action bounds (pd_joint_pos,
     pd_ee_pose) gets the policy's (-1, 1) mapped onto them; ignored for Playground tasks"""
+    ignore_terminations: bool = False
+    """ManiSkill3 training episodes end only at the time limit; by default (the authors' setting)
+    the task's termination (success, or failure where defined) ends one too. Evaluation episodes
+    always run the full length; ignored for Playground tasks"""
 
     # --- collection -------------------------------------------------------------------
     total_timesteps: int = 50_000_000
@@ -333,7 +337,7 @@ class StepResult(NamedTuple):
     final_obs: torch.Tensor  # the TRUE observation after this action, even where one ended
     reward: torch.Tensor
     terminated: torch.Tensor  # float 0/1: a real terminal state, no bootstrap
-    truncated: torch.Tensor  # float 0/1: time limit (ManiSkill: also success), bootstrap from final_obs
+    truncated: torch.Tensor  # float 0/1: time limit (ManiSkill: success too, see ManiSkillEnv); bootstrap
     episode_done: torch.Tensor  # bool: a complete episode (started from a reset) ended here
     episode_return: torch.Tensor  # its return (valid where episode_done)
     episode_length: torch.Tensor  # its length (valid where episode_done)
@@ -750,7 +754,7 @@ def enable_physx_gpu() -> None:
 class ManiSkillEnv:
     """N ManiSkill3 envs (state observations) with partial resets that hand back the true
     final observation, in ManiSkill's own vector wrapper:
-    ``ManiSkillVectorEnv(auto_reset, ignore_terminations=not auto_reset, record_metrics=True)``.
+    ``ManiSkillVectorEnv(auto_reset, ignore_terminations, record_metrics=True)``.
 
     The authors' setting (their ``partial_reset: true`` for training, ``eval_partial_reset:
     false`` for evaluation; SPEC section 11):
@@ -761,7 +765,9 @@ class ManiSkillEnv:
       reached goal is not a state without a future (for a failure this is their choice too).
     - evaluation envs (``auto_reset=False``, reset by every evaluation round): terminations
       are ignored, so each episode runs the full episode_length and ``success_at_end`` means
-      "still successful at the last step"."""
+      "still successful at the last step".
+    With ``--ignore-terminations`` the training envs ignore terminations too: an episode ends
+    only at the time limit, and the steps after a success are trained on."""
 
     suite = "maniskill"
 
@@ -802,8 +808,9 @@ class ManiSkillEnv:
                 "Mesa's lavapipe, version 24.3 or newer (Debian 12: `sudo bash .ci/install_vulkan.sh` from this "
                 "repository installs it from the backports suite). `vulkaninfo --summary` shows what is found"
             ) from error
+        ignore_terminations = args.ignore_terminations or not auto_reset  # evaluation: always
         self.env = ManiSkillVectorEnv(
-            env, auto_reset=auto_reset, ignore_terminations=not auto_reset, record_metrics=True
+            env, auto_reset=auto_reset, ignore_terminations=ignore_terminations, record_metrics=True
         )
         self.base = self.env.unwrapped
         self.num_envs = num_envs

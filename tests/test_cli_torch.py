@@ -67,9 +67,9 @@ def test_same_args_fields_as_the_jax_file():
 
     jax_fields = {f.name for f in dataclasses.fields(rj.Args)}
     torch_fields = {f.name for f in dataclasses.fields(rt.Args)}
-    assert jax_fields <= torch_fields  # the torch file adds only its speed switches and control_mode
+    assert jax_fields <= torch_fields  # the torch file adds only its speed switches and ManiSkill's two
     speed_switches = {"device", "compile", "fused_adam", "cuda_graphs", "torch_threads"}
-    assert torch_fields - jax_fields == speed_switches | {"control_mode"}
+    assert torch_fields - jax_fields == speed_switches | {"control_mode", "ignore_terminations"}
 
 
 # SPEC section 11, the paper's DM Control setting: what both files must default to.

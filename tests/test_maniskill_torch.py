@@ -114,26 +114,38 @@ def force_success_at(env, step: int) -> None:
 def test_success_ends_a_training_episode_as_a_bootstrapped_truncation_but_not_an_evaluation_one():
     """The authors' setting (SPEC section 11): in training, a task's termination (success) ends
     the episode and resets that env, and the step is bootstrapped from its true final
-    observation (truncated, never terminated); evaluation episodes run the full length."""
+    observation (truncated, never terminated); evaluation episodes run the full length, and so
+    do training episodes with --ignore-terminations."""
     require_maniskill()
-    args = rt.resolve_args(rt.Args(env_id="PushCube-v1", episode_length=8, gamma=0.9, num_envs=1, num_steps=16))
     action = torch.full((1, 8), 0.5)
-    for auto_reset in (True, False):
+    for auto_reset, ignore_terminations in ((True, False), (True, True), (False, False)):
+        args = rt.resolve_args(
+            rt.Args(
+                env_id="PushCube-v1", episode_length=8, gamma=0.9, num_envs=1, num_steps=16,
+                ignore_terminations=ignore_terminations,
+            )
+        )  # fmt: skip
         env = rt.ManiSkillEnv(args, 1, seed=0, device=torch.device("cpu"), auto_reset=auto_reset)
         env.reset(randomize_steps=False)
         force_success_at(env, 3)
-        steps = [env.step(action) for _ in range(8)]
+        steps = [env.step(action) for _ in range(10)]
         env.close()
         ends = [t for t, step in enumerate(steps) if step.truncated[0]]
         assert all(float(step.terminated[0]) == 0.0 for step in steps)
-        if auto_reset:  # training: success at step 3 (t = 2) ends the episode; the next one runs on
+        if auto_reset and not ignore_terminations:  # success at step 3 (t = 2) ends the episode
             assert ends[0] == 2 and steps[2].episode_done[0] and steps[2].episode_length[0] == 3
             assert steps[2].success_once[0] == 1.0
             assert not torch.allclose(steps[2].final_obs, steps[2].next_obs)  # reset after the true last obs
             assert torch.equal(steps[1].final_obs, steps[1].next_obs)
-        else:  # evaluation: the success is recorded and the episode runs on to the time limit
-            assert ends == [7] and steps[7].episode_length[0] == 8
+        else:  # the success is recorded and the episode runs on to the time limit
+            assert ends[0] == 7 and steps[7].episode_length[0] == 8
             assert steps[7].success_once[0] == 1.0 and steps[7].success_at_end[0] == 0.0
+            assert all(torch.equal(step.final_obs, step.next_obs) for step in steps[:7])
+            if auto_reset:  # training: the env alone is reset at the time limit, and goes on
+                assert steps[7].episode_done[0] and ends == [7]
+                assert not torch.allclose(steps[7].final_obs, steps[7].next_obs)
+            else:  # evaluation: no reset; the caller resets every round
+                assert torch.equal(steps[7].final_obs, steps[7].next_obs)
 
 
 def test_short_pickcube_run_logs_success_and_its_checkpoint_reloads(tmp_path, capsys):
