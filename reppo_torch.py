@@ -337,7 +337,7 @@ class StepResult(NamedTuple):
     final_obs: torch.Tensor  # the TRUE observation after this action, even where one ended
     reward: torch.Tensor
     terminated: torch.Tensor  # float 0/1: a real terminal state, no bootstrap
-    truncated: torch.Tensor  # float 0/1: time limit (ManiSkill: success too, see ManiSkillEnv); bootstrap
+    truncated: torch.Tensor  # float 0/1: time limit (ManiSkill: by default success too, see ManiSkillEnv); bootstrap
     episode_done: torch.Tensor  # bool: a complete episode (started from a reset) ended here
     episode_return: torch.Tensor  # its return (valid where episode_done)
     episode_length: torch.Tensor  # its length (valid where episode_done)

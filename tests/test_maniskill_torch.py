@@ -118,7 +118,7 @@ def test_success_ends_a_training_episode_as_a_bootstrapped_truncation_but_not_an
     do training episodes with --ignore-terminations."""
     require_maniskill()
     action = torch.full((1, 8), 0.5)
-    for auto_reset, ignore_terminations in ((True, False), (True, True), (False, False)):
+    for auto_reset, ignore_terminations in ((True, False), (True, True), (False, False), (False, True)):
         args = rt.resolve_args(
             rt.Args(
                 env_id="PushCube-v1", episode_length=8, gamma=0.9, num_envs=1, num_steps=16,
