@@ -325,3 +325,76 @@ def test_speed_refuses_the_maniskill_setting_for_the_jax_file_alone():
     alone (the default implementation), speed.py says so instead of measuring nothing."""
     done = run_script("benchmarks/speed.py", "--settings", "maniskill", check=False, timeout=120)
     assert done.returncode == 1 and "runs reppo_torch.py only" in done.stderr
+
+
+def write_maniskill_run(run_dir, seed, success_once, ignore_terminations=None, step=3200):
+    """A reppo_torch.py ManiSkill3 run folder: args.json (without ignore_terminations when None,
+    as runs saved before the flag) and metrics.csv with one evaluation every ``step`` env steps;
+    success_at_end is half of success_once, the return ten times it."""
+    import maniskill
+
+    os.makedirs(run_dir)
+    args = {"env_id": "PushCube-v1", "seed": seed}
+    if ignore_terminations is not None:
+        args["ignore_terminations"] = ignore_terminations
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({"args": args, "command": "python reppo_torch.py", "versions": {"torch": "x"}}, f)
+    with open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(maniskill.COLUMNS + ["losses/critic_loss"])
+        for i, s in enumerate(success_once):
+            training = ["", "", ""] if i == 0 else [50.0, 10.0, s]  # no training episodes before step 0
+            writer.writerow([i * step, "" if i == 0 else 100.0, *training, 10 * s, s, s / 2, 10 * s, s, s / 2, 1.0])
+
+
+def test_maniskill_tables_from_imported_runs(tmp_path):
+    """import sorts runs by episode rule (a run without the flag in args.json: the default rule)
+    and keeps the listed columns; compare finds the first success, the first window of three
+    evaluations averaging 0.5 (its first step), last-five means, block means and Welch's test."""
+    import maniskill
+
+    runs = tmp_path / "runs"
+    curves = {  # 8 evaluations, 0 .. 22,400 steps
+        ("old", 1, None): [0, 0, 0.25, 0.5, 0.75, 1, 1, 1],  # window 0.25, 0.5, 0.75 -> 6,400
+        ("old", 2, False): [0, 0.5, 0, 0.25, 1, 1, 1, 0.5],  # 0, 0.25, 1 averages 0.42; 0.25, 1, 1 -> 9,600
+        ("new", 1, True): [0, 0, 0, 0, 0, 0, 0.25, 0.25],  # never
+        ("new", 2, True): [0, 0, 0, 0, 0, 0.5, 0.5, 0.5],  # 16,000
+    }
+    for (name, seed, flag), success in curves.items():
+        write_maniskill_run(str(runs / f"{name}{seed}"), seed, success, flag)
+    tree = tmp_path / "tree"
+    argv = ["import", *sorted(str(p) for p in runs.iterdir()), "--code", "abc1234", "--results-dir", str(tree)]
+    assert maniskill.main(maniskill.tyro.cli(maniskill.Options, args=argv)) == 0
+    kept = sorted(os.listdir(tree / "success_ends" / "PushCube-v1"))
+    assert kept == ["seed1.csv", "seed1.json", "seed2.csv", "seed2.json"]
+    assert json.loads((tree / "time_limit" / "PushCube-v1" / "seed2.json").read_text())["code"] == "abc1234"
+    with open(tree / "time_limit" / "PushCube-v1" / "seed2.csv") as f:
+        assert next(csv.reader(f)) == maniskill.COLUMNS  # the loss column is not kept
+
+    results = maniskill.load(str(tree))
+    old, new = results[("success_ends", "PushCube-v1")], results[("time_limit", "PushCube-v1")]
+    assert [maniskill.first_step(old[s]) for s in (1, 2)] == [6400.0, 9600.0]
+    assert np.isnan(maniskill.first_step(new[1])) and maniskill.first_step(new[2]) == 16000.0
+    assert [maniskill.first_success(r) for r in (old[1], old[2], new[1])] == [6400.0, 3200.0, 19200.0]
+    assert maniskill.last_mean(old[2], "eval/success_once") == pytest.approx((0.25 + 1 + 1 + 1 + 0.5) / 5)
+    assert maniskill.last_mean(old[2], "eval/success_at_end") == pytest.approx(0.375)
+    # Steps (0, 9,600]: evaluations at 3,200, 6,400, 9,600; training columns have no row 0.
+    assert maniskill.block_mean(old[1], "eval/success_once", 0, 9600) == pytest.approx(0.25)
+    assert maniskill.block_mean(old[1], "charts/episodic_length", 0, 9600) == 50.0
+
+    table = maniskill.markdown(results)
+    half = f"{0.85 / 2:.2f}"  # success_at_end is half of success_once
+    assert f"| 1 | 6,400 | 6,400 | 0.85 | {half} | 8.5 | 0.85 | {half} |" in table
+    assert "| 1 | 19,200 | never | 0.10 | 0.05 | 1.0 | 0.10 | 0.05 |" in table
+    # Block 0-50k holds all 7 evaluations after step 0: success_ends' mean over its two seeds.
+    block = np.mean([np.mean(curves[("old", 1, None)][1:]), np.mean(curves[("old", 2, False)][1:])])
+    assert f"| 0–50k | success ends a training episode | 2 | {block:.2f} |" in table
+    x = [np.mean(curves[k][-5:]) for k in [("new", 1, True), ("new", 2, True)]]
+    y = [np.mean(curves[k][-5:]) for k in [("old", 1, None), ("old", 2, False)]]
+    _, p, lo, hi = plot.welch_test(np.array(x), np.array(y))
+    assert f"| success_once, last 5 evaluations | {np.mean(x):.2f} ± {np.std(x, ddof=1):.2f} |" in table
+    assert f"| {np.mean(x) - np.mean(y):+.2f} [{lo:+.2f}, {hi:+.2f}] | {p:.2f} |" in table
+
+    argv = ["compare", "--results-dir", str(tree), "--out-dir", str(tmp_path / "img"), "--n-boot", "200"]
+    assert maniskill.main(maniskill.tyro.cli(maniskill.Options, args=argv)) == 0
+    assert (tmp_path / "img" / "maniskill_PushCube-v1.png").stat().st_size > 0
