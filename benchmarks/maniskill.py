@@ -10,9 +10,11 @@ A run is one `python reppo_torch.py --env-id PushCube-v1 --preset cpu --total-ti
 `{results_dir}/{rule}/{task}/seed{S}.csv`, where the rule is the run's episode rule for
 training: `success_ends` (the default, the authors' setting: a task's termination, success,
 ends a training episode) or `time_limit` (`--ignore-terminations`: only the time limit ends
-one); a run saved before the flag existed has no `ignore_terminations` in its `args.json` and
-ran with the default rule. Beside the CSV, `seed{S}.json` keeps the run's command, library
-versions and the commit of the code (`--code`, which the run folder does not record).
+one). A run saved before the flag existed has no `ignore_terminations` in its `args.json`; it
+ran with the default rule if its code is commit 52dffa6 or later, and with the time limit only
+before that, so such an older run is imported with `--rule time_limit`. Beside the CSV,
+`seed{S}.json` keeps the run's command, library versions and the commit of the code (`--code`,
+which the run folder does not record).
 
 `compare` reads that tree and prints, per task (markdown):
 - per seed: the first evaluation with any success, the first step at which the mean of three
@@ -68,12 +70,14 @@ Run = dict[str, np.ndarray]  # column -> values, one row per evaluation
 # ---------------------------------------------------------------------------- import
 
 
-def import_run(run_dir: str, results_dir: str, code: str) -> str:
-    """Copy one run folder's kept columns into the tree; returns the CSV's path."""
+def import_run(run_dir: str, results_dir: str, code: str, rule: str = "auto") -> str:
+    """Copy one run folder's kept columns into the tree; returns the CSV's path. ``rule``
+    "auto" reads the episode rule from the run's arguments (see the module docstring)."""
     with open(os.path.join(run_dir, "args.json")) as f:
         saved = json.load(f)
     args = saved["args"]
-    rule = "time_limit" if args.get("ignore_terminations", False) else "success_ends"
+    if rule == "auto":
+        rule = "time_limit" if args.get("ignore_terminations", False) else "success_ends"
     out_dir = os.path.join(results_dir, rule, args["env_id"])
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
@@ -275,6 +279,8 @@ class Options:
     """(import) run folders of reppo_torch.py ManiSkill3 runs"""
     code: str = ""
     """(import) the commit of reppo_torch.py that made the runs"""
+    rule: Literal["auto", "success_ends", "time_limit"] = "auto"
+    """(import) the runs' episode rule; auto: from their args.json (runs before 52dffa6: give time_limit)"""
     results_dir: str = os.path.join(ROOT, "benchmarks", "maniskill")
     """root of the result tree: {rule}/{task}/seed{S}.csv"""
     out_dir: str = os.path.join(ROOT, "docs", "images")
@@ -289,7 +295,7 @@ def main(opts: Options) -> int:
             print("import needs run folders and --code", file=sys.stderr)
             return 2
         for run_dir in opts.run_dirs:
-            print(import_run(run_dir, opts.results_dir, opts.code))
+            print(import_run(run_dir, opts.results_dir, opts.code, opts.rule))
         return 0
     results = load(opts.results_dir)
     if not results:

@@ -370,6 +370,20 @@ def test_maniskill_tables_from_imported_runs(tmp_path):
     assert json.loads((tree / "time_limit" / "PushCube-v1" / "seed2.json").read_text())["code"] == "abc1234"
     with open(tree / "time_limit" / "PushCube-v1" / "seed2.csv") as f:
         assert next(csv.reader(f)) == maniskill.COLUMNS  # the loss column is not kept
+    # A run from before the flag, whose code ended episodes at the time limit only: --rule says so.
+    write_maniskill_run(str(tmp_path / "older"), 3, [0, 0, 0])
+    argv = [
+        "import",
+        str(tmp_path / "older"),
+        "--code",
+        "0ld",
+        "--rule",
+        "time_limit",
+        "--results-dir",
+        str(tmp_path / "t2"),
+    ]
+    assert maniskill.main(maniskill.tyro.cli(maniskill.Options, args=argv)) == 0
+    assert os.listdir(tmp_path / "t2") == ["time_limit"]
 
     results = maniskill.load(str(tree))
     old, new = results[("success_ends", "PushCube-v1")], results[("time_limit", "PushCube-v1")]
