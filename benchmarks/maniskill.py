@@ -281,7 +281,7 @@ class Options:
     """(import) the commit of reppo_torch.py that made the runs"""
     rule: Literal["auto", "success_ends", "time_limit"] = "auto"
     """(import) the runs' episode rule; auto: from their args.json (runs before 52dffa6: give time_limit)"""
-    results_dir: str = os.path.join(ROOT, "benchmarks", "maniskill")
+    results_dir: str = os.path.join(ROOT, "benchmarks", "maniskill_runs")
     """root of the result tree: {rule}/{task}/seed{S}.csv"""
     out_dir: str = os.path.join(ROOT, "docs", "images")
     """(compare) where maniskill_{task}.png goes"""
