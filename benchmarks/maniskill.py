@@ -7,14 +7,14 @@ tables and figure of docs/results.md made from them.
 A run is one `python reppo_torch.py --env-id PushCube-v1 --preset cpu --total-timesteps 200000
 --log-interval 100 --seed S [--ignore-terminations]` (its run folder holds `args.json` and
 `metrics.csv`). `import` copies the columns below from the run's `metrics.csv` into
-`{results_dir}/{rule}/{task}/seed{S}.csv` (results_dir: benchmarks/maniskill_runs), where the rule is the run's episode rule for
-training: `success_ends` (the default, the authors' setting: a task's termination, success,
-ends a training episode) or `time_limit` (`--ignore-terminations`: only the time limit ends
-one). A run saved before the flag existed has no `ignore_terminations` in its `args.json`; it
-ran with the default rule if its code is commit 52dffa6 or later, and with the time limit only
-before that, so such an older run is imported with `--rule time_limit`. Beside the CSV,
-`seed{S}.json` keeps the run's command, library versions and the commit of the code (`--code`,
-which the run folder does not record).
+`{results_dir}/{rule}/{task}/seed{S}.csv` (results_dir: benchmarks/maniskill_runs), where the
+rule is the run's episode rule for training: `success_ends` (the default, the authors' setting:
+a task's termination, success, ends a training episode) or `time_limit`
+(`--ignore-terminations`: only the time limit ends one). A run saved before the flag existed has
+no `ignore_terminations` in its `args.json`; it ran with the default rule if its code is commit
+52dffa6 or later, and with the time limit only before that, so such an older run is imported
+with `--rule time_limit`. Beside the CSV, `seed{S}.json` keeps the run's command, library
+versions and the commit of the code (`--code`, which the run folder does not record).
 
 `compare` reads that tree and prints, per task (markdown):
 - per seed: the first evaluation with any success, the first step at which the mean of three
