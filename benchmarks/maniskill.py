@@ -26,7 +26,7 @@ versions and the commit of the code (`--code`, which the run folder does not rec
   five evaluations' success_once and success_at_end and on success_once averaged over the run.
 The figure shows each rule's deterministic evaluation success_once and success_at_end against
 env steps: the mean over seeds with a 95 % percentile-bootstrap interval of that mean. With
-four seeds per rule the tests have little power; the intervals say how large a difference
+five seeds per rule the tests have little power; the intervals say how large a difference
 they could miss.
 """
 
