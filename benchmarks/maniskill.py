@@ -33,10 +33,8 @@ they could miss.
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -102,16 +100,11 @@ def import_run(run_dir: str, results_dir: str, code: str, rule: str = "auto") ->
 def load(results_dir: str) -> dict[tuple[str, str], dict[int, Run]]:
     """(rule, task) -> seed -> the rows that hold a deterministic evaluation, as float arrays."""
     results: dict[tuple[str, str], dict[int, Run]] = {}
-    for path in sorted(glob.glob(os.path.join(results_dir, "*", "*", "seed*.csv"))):
-        match = re.fullmatch(r"seed(\d+)\.csv", os.path.basename(path))
-        if not match:
-            continue
-        task_dir = os.path.dirname(path)
-        rule, task = os.path.basename(os.path.dirname(task_dir)), os.path.basename(task_dir)
+    for rule, task, seed, path in plot.result_files(results_dir):
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r["eval/success_once"] not in ("", "nan")]
         run = {c: np.array([float(r[c]) if r[c] != "" else np.nan for r in rows]) for c in COLUMNS}
-        results.setdefault((rule, task), {})[int(match.group(1))] = run
+        results.setdefault((rule, task), {})[seed] = run
     return results
 
 

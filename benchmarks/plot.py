@@ -80,18 +80,26 @@ def read_result_csv(path: str) -> Curve:
     return out
 
 
+def result_files(results_dir: str) -> list[tuple[str, str, int, str]]:
+    """(group, task, seed, path) of every finished `{group}/{task}/seed{N}.csv` under
+    results_dir, sorted by path (temporary files such as seed{N}.csv.tmp ignored)."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "*", "*", "seed*.csv"))):
+        match = re.fullmatch(r"seed(-?\d+)\.csv", os.path.basename(path))
+        if match:
+            task_dir = os.path.dirname(path)
+            group, task = os.path.basename(os.path.dirname(task_dir)), os.path.basename(task_dir)
+            found.append((group, task, int(match.group(1)), path))
+    return found
+
+
 def load_results(results_dir: str) -> Results:
     """Every finished `{impl}/{task}/seed{N}.csv` under results_dir (temporary files ignored)."""
     results: Results = {}
-    for path in sorted(glob.glob(os.path.join(results_dir, "*", "*", "seed*.csv"))):
-        match = re.fullmatch(r"seed(-?\d+)\.csv", os.path.basename(path))
-        if not match:
-            continue
-        task_dir = os.path.dirname(path)
-        impl, task = os.path.basename(os.path.dirname(task_dir)), os.path.basename(task_dir)
+    for impl, task, seed, path in result_files(results_dir):
         curve = read_result_csv(path)
         if len(curve["env_steps"]):
-            results.setdefault((impl, task), {})[int(match.group(1))] = curve
+            results.setdefault((impl, task), {})[seed] = curve
     return results
 
 
