@@ -76,13 +76,14 @@ def import_run(run_dir: str, results_dir: str, code: str, rule: str = "auto") ->
     args = saved["args"]
     if rule == "auto":
         rule = "time_limit" if args.get("ignore_terminations", False) else "success_ends"
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        rows = list(reader)
+    if missing or not rows:
+        raise SystemExit(f"{run_dir}/metrics.csv is empty or lacks {missing}: not a ManiSkill3 run of reppo_torch.py")
     out_dir = os.path.join(results_dir, rule, args["env_id"])
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in COLUMNS if c not in rows[0]]
-    if missing:
-        raise SystemExit(f"{run_dir}/metrics.csv lacks {missing}: not a ManiSkill3 run of reppo_torch.py")
     path = os.path.join(out_dir, f"seed{args['seed']}.csv")
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -128,11 +129,15 @@ def last_mean(run: Run, column: str, n: int = 5) -> float:
     return float(np.nanmean(run[column][-n:]))
 
 
-def run_mean(run: Run, column: str, end: float) -> float:
-    """The column averaged over an even grid of 101 env steps 0..end (the area under the curve
-    over its length), so that seeds with different evaluation steps weigh their run alike."""
-    grid = np.linspace(0.0, end, 101)
-    return float(plot.interpolate(run["global_step"], run[column], grid).mean())
+def curves(runs: dict[int, Run], column: str) -> dict[int, plot.Curve]:
+    """The runs' column as plot.py's curves (env_steps, eval_return), to use its statistics."""
+    return {seed: {"env_steps": r["global_step"], "eval_return": r[column]} for seed, r in runs.items()}
+
+
+def by_task(results: dict[tuple[str, str], dict[int, Run]]) -> dict[str, dict[str, dict[int, Run]]]:
+    """task -> rule -> seed -> run, the rules in RULES' order."""
+    tasks = sorted({t for (_, t) in results})
+    return {task: {rule: results[(rule, task)] for rule in RULES if (rule, task) in results} for task in tasks}
 
 
 def block_mean(run: Run, column: str, lo: float, hi: float) -> float:
@@ -189,7 +194,7 @@ def block_table(by_rule: dict[str, dict[int, Run]]) -> list[str]:
                 values = [v for v in (block_mean(r, column, lo, hi) for r in runs.values()) if np.isfinite(v)]
                 cells.append(_f(float(np.mean(values)) if values else float("nan"), digits))
             label = f"{lo / 1000:.0f}–{hi / 1000:.0f}k"
-            lines.append(f"| {label} | {RULES.get(rule, rule)} | {seeds} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {RULES[rule]} | {seeds} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -197,11 +202,20 @@ def rule_tests(by_rule: dict[str, dict[int, Run]]) -> list[str]:
     a, b = by_rule.get("time_limit", {}), by_rule.get("success_ends", {})
     if len(a) < 2 or len(b) < 2:
         return []
-    end = min(r["global_step"][-1] for runs in (a, b) for r in runs.values())
+    # success_once averaged over the grid both rules cover (plot.mean_returns: the area under
+    # each seed's curve over its length, so that evaluation steps need not coincide).
+    grid = plot.common_grid([*curves(a, "eval/success_once").values(), *curves(b, "eval/success_once").values()])
+    over_run = {rule: plot.mean_returns(curves(runs, "eval/success_once"), grid) for rule, runs in (("a", a), ("b", b))}
     statistics = {
-        "success_once, last 5 evaluations": lambda r: last_mean(r, "eval/success_once"),
-        "success_at_end, last 5 evaluations": lambda r: last_mean(r, "eval/success_at_end"),
-        f"success_once averaged over 0–{end / 1000:.0f}k steps": lambda r: run_mean(r, "eval/success_once", end),
+        "success_once, last 5 evaluations": (
+            [last_mean(a[s], "eval/success_once") for s in sorted(a)],
+            [last_mean(b[s], "eval/success_once") for s in sorted(b)],
+        ),
+        "success_at_end, last 5 evaluations": (
+            [last_mean(a[s], "eval/success_at_end") for s in sorted(a)],
+            [last_mean(b[s], "eval/success_at_end") for s in sorted(b)],
+        ),
+        f"success_once averaged over 0–{grid[-1] / 1000:.0f}k steps": (over_run["a"], over_run["b"]),
     }
     lines = [
         f"Welch's t-test, time limit only ({len(a)} seeds) against success ends an episode ({len(b)} seeds):",
@@ -209,9 +223,8 @@ def rule_tests(by_rule: dict[str, dict[int, Run]]) -> list[str]:
         "| statistic | time limit only | success ends | difference [95 % CI] | p |",
         "|---|---|---|---|---|",
     ]
-    for name, statistic in statistics.items():
-        x = np.array([statistic(a[s]) for s in sorted(a)])
-        y = np.array([statistic(b[s]) for s in sorted(b)])
+    for name, (x, y) in statistics.items():
+        x, y = np.asarray(x), np.asarray(y)
         _, p, lo, hi = plot.welch_test(x, y)
         lines.append(
             f"| {name} | {x.mean():.2f} ± {x.std(ddof=1):.2f} | {y.mean():.2f} ± {y.std(ddof=1):.2f} "
@@ -222,8 +235,7 @@ def rule_tests(by_rule: dict[str, dict[int, Run]]) -> list[str]:
 
 def markdown(results: dict[tuple[str, str], dict[int, Run]]) -> str:
     out = []
-    for task in sorted({t for (_, t) in results}):
-        by_rule = {rule: results[(rule, task)] for rule in RULES if (rule, task) in results}
+    for task, by_rule in by_task(results).items():
         out.append(f"## {task}\n")
         for rule, runs in by_rule.items():
             out += [f"{RULES[rule]}:", "", *seed_table(runs), ""]
@@ -246,10 +258,10 @@ def plot_task(by_rule: dict[str, dict[int, Run]], task: str, path: str, n_boot: 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for ax, column in zip(axes, ["eval/success_once", "eval/success_at_end"]):
         for rule, runs in by_rule.items():
-            curves = [{"env_steps": r["global_step"], "eval_return": r[column]} for r in runs.values()]
-            agg = plot.aggregate(curves, plot.common_grid(curves), n_boot=n_boot)
-            ax.plot(agg["x"], agg["mean"], color=COLORS.get(rule), label=f"{RULES.get(rule, rule)} (n={len(runs)})")
-            ax.fill_between(agg["x"], agg["lo"], agg["hi"], color=COLORS.get(rule), alpha=0.25, linewidth=0)
+            seeds = list(curves(runs, column).values())
+            agg = plot.aggregate(seeds, plot.common_grid(seeds), n_boot=n_boot)
+            ax.plot(agg["x"], agg["mean"], color=COLORS[rule], label=f"{RULES[rule]} (n={len(runs)})")
+            ax.fill_between(agg["x"], agg["lo"], agg["hi"], color=COLORS[rule], alpha=0.25, linewidth=0)
         ax.set_title(column.replace("eval/", "deterministic evaluation: "), fontsize=10)
         ax.set_xlabel("env steps")
         ax.grid(alpha=0.3)
@@ -296,8 +308,7 @@ def main(opts: Options) -> int:
         return 1
     print(markdown(results))
     os.makedirs(opts.out_dir, exist_ok=True)
-    for task in sorted({t for (_, t) in results}):
-        by_rule = {rule: results[(rule, task)] for rule in RULES if (rule, task) in results}
+    for task, by_rule in by_task(results).items():
         plot_task(by_rule, task, os.path.join(opts.out_dir, f"maniskill_{task}.png"), opts.n_boot)
     return 0
 

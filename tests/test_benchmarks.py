@@ -384,6 +384,11 @@ def test_maniskill_tables_from_imported_runs(tmp_path):
     ]
     assert maniskill.main(maniskill.tyro.cli(maniskill.Options, args=argv)) == 0
     assert os.listdir(tmp_path / "t2") == ["time_limit"]
+    # A run folder whose metrics.csv holds no row yet (an interrupted start): a message, no folder.
+    write_maniskill_run(str(tmp_path / "empty"), 4, [])
+    with pytest.raises(SystemExit, match="is empty or lacks"):
+        maniskill.import_run(str(tmp_path / "empty"), str(tmp_path / "t3"), "0ld")
+    assert not os.path.exists(tmp_path / "t3")
 
     results = maniskill.load(str(tree))
     old, new = results[("success_ends", "PushCube-v1")], results[("time_limit", "PushCube-v1")]
