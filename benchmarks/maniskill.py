@@ -185,13 +185,13 @@ def block_table(by_rule: dict[str, dict[int, Run]]) -> list[str]:
     for lo in np.arange(0, end, BLOCK):
         hi = lo + BLOCK
         for rule, runs in by_rule.items():
-            seeds = sum(bool(((r["global_step"] > lo) & (r["global_step"] <= hi)).any()) for r in runs.values())
-            cells = []
+            cells, seeds = [], 0
             for column, digits in [
                 ("eval/success_once", 2), ("eval/success_at_end", 2), ("eval/episodic_return", 1),
                 ("charts/success_once", 2), ("charts/episodic_length", 1),
             ]:  # fmt: skip
                 values = [v for v in (block_mean(r, column, lo, hi) for r in runs.values()) if np.isfinite(v)]
+                seeds = max(seeds, len(values))  # every evaluation row has the eval columns
                 cells.append(_f(float(np.mean(values)) if values else float("nan"), digits))
             label = f"{lo / 1000:.0f}–{hi / 1000:.0f}k"
             lines.append(f"| {label} | {RULES[rule]} | {seeds} | " + " | ".join(cells) + " |")
@@ -204,18 +204,19 @@ def rule_tests(by_rule: dict[str, dict[int, Run]]) -> list[str]:
         return []
     # success_once averaged over the grid both rules cover (plot.mean_returns: the area under
     # each seed's curve over its length, so that evaluation steps need not coincide).
-    grid = plot.common_grid([*curves(a, "eval/success_once").values(), *curves(b, "eval/success_once").values()])
-    over_run = {rule: plot.mean_returns(curves(runs, "eval/success_once"), grid) for rule, runs in (("a", a), ("b", b))}
+    success_a, success_b = curves(a, "eval/success_once"), curves(b, "eval/success_once")
+    grid = plot.common_grid([*success_a.values(), *success_b.values()])
+
+    def last5(runs: dict[int, Run], column: str) -> list[float]:
+        return [last_mean(runs[s], column) for s in sorted(runs)]
+
     statistics = {
-        "success_once, last 5 evaluations": (
-            [last_mean(a[s], "eval/success_once") for s in sorted(a)],
-            [last_mean(b[s], "eval/success_once") for s in sorted(b)],
+        "success_once, last 5 evaluations": (last5(a, "eval/success_once"), last5(b, "eval/success_once")),
+        "success_at_end, last 5 evaluations": (last5(a, "eval/success_at_end"), last5(b, "eval/success_at_end")),
+        f"success_once averaged over 0–{grid[-1] / 1000:.0f}k steps": (
+            plot.mean_returns(success_a, grid),
+            plot.mean_returns(success_b, grid),
         ),
-        "success_at_end, last 5 evaluations": (
-            [last_mean(a[s], "eval/success_at_end") for s in sorted(a)],
-            [last_mean(b[s], "eval/success_at_end") for s in sorted(b)],
-        ),
-        f"success_once averaged over 0–{grid[-1] / 1000:.0f}k steps": (over_run["a"], over_run["b"]),
     }
     lines = [
         f"Welch's t-test, time limit only ({len(a)} seeds) against success ends an episode ({len(b)} seeds):",
