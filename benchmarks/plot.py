@@ -251,12 +251,16 @@ STATISTICS = {"final return": "", "mean over run": "auc_"}
 def compare_implementations(
     results: Results, a: str = "reppo_jax", b: str = "reppo_torch", alpha: float = 0.05
 ) -> list[dict]:
-    """Per task where both exist, two Welch t-tests over seeds: on the final return and on the
-    mean return over the run (on the env-step grid both methods cover, see mean_returns).
+    """Per task where both have at least two seeds (a Welch test needs two per side), two Welch
+    t-tests over seeds: on the final return and on the mean return over the run (on the env-step
+    grid both methods cover, see mean_returns).
     Keys per statistic (prefix from STATISTICS): mean_a, mean_b, t, p, diff_lo, diff_hi.
     "indistinguishable" only if neither test rejects equality at level alpha."""
     rows = []
-    tasks = sorted({t for (i, t) in results if i == a} & {t for (i, t) in results if i == b})
+    tasks = sorted(
+        {t for (i, t), seeds in results.items() if i == a and len(seeds) >= 2}
+        & {t for (i, t), seeds in results.items() if i == b and len(seeds) >= 2}
+    )
     for task in tasks:
         seeds_a, seeds_b = results[(a, task)], results[(b, task)]
         grid = common_grid(list(seeds_a.values()) + list(seeds_b.values()))
