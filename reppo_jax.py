@@ -1549,8 +1549,11 @@ def train(args: Args, argv: list[str]) -> str:
         completed = True
     except KeyboardInterrupt:
         if interrupted["clean"]:
-            save_checkpoint(checkpoint_path, state, args, iteration * batch_size)
-            logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
+            try:
+                save_checkpoint(checkpoint_path, state, args, iteration * batch_size)
+                logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
+            except KeyboardInterrupt:  # a second Ctrl-C while saving: stop now, and say so
+                logger.write("interrupted again while saving: no checkpoint written")
         else:
             logger.write("interrupted inside a chunk (Ctrl-C twice): no checkpoint written")
         raise

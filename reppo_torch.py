@@ -2217,8 +2217,11 @@ def train(args: Args, argv: list[str]) -> str:
         completed = True
     except KeyboardInterrupt:
         if interrupted["clean"]:
-            save_checkpoint(checkpoint_path, trainer, args, iteration * batch_size, metrics)
-            logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
+            try:  # the save can take seconds (its first call compiles the simulator-state copy)
+                save_checkpoint(checkpoint_path, trainer, args, iteration * batch_size, metrics)
+                logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
+            except KeyboardInterrupt:  # a second Ctrl-C while saving: stop now, and say so
+                logger.write("interrupted again while saving: no checkpoint written")
         else:
             logger.write("interrupted twice, inside an iteration: no checkpoint written")
         raise
@@ -2300,4 +2303,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:
+        # Ctrl-C. A second one can land inside a JAX call (the simulator's compilation, say) and
+        # leave XLA half way through it; JAX's exit handlers then crashed the interpreter with a
+        # segmentation fault. Every file is written and closed by now (the metrics, the
+        # checkpoint, wandb, the simulator), so the process leaves at once, without them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -141,17 +141,33 @@ def cartpole_learning_run(script, total_timesteps, runs_dir):
     return rows, float(rows[0]["eval/episodic_return"]), [float(r["eval/episodic_return"]) for r in rows[1:]]
 
 
-def interrupt_a_run(script, runs_dir, timeout=300, rows=2, twice=False, extra_argv=()):
+# Runs a script as `python script argv...` would, with one more exit handler that prints
+# EXIT_HANDLERS_RAN: a process that leaves through os._exit never prints it.
+EXIT_HANDLERS_RAN = "the interpreter's exit handlers ran"
+EXIT_PROBE = (
+    "import atexit, runpy, sys; "
+    f"atexit.register(lambda: print({EXIT_HANDLERS_RAN!r}, file=sys.stderr, flush=True)); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def interrupt_a_run(
+    script, runs_dir, timeout=300, rows=2, twice=False, extra_argv=(), wait=2.0, gap=1.0, probe_exit=False
+):
     """Start a long TINY run of `script`, send it SIGINT (Ctrl-C) once metrics.csv holds
-    `rows` rows (2: step 0 and one log point), and again a second later if `twice`; return
-    (exit code, stderr, run folder), and with `twice` also the seconds from the last SIGINT
-    to the end of the process."""
+    `rows` rows (2: step 0 and one log point), and if `twice` `wait` seconds after that and
+    again `gap` seconds later; return (exit code, stderr, run folder), and with `twice` also
+    the seconds from the last SIGINT to the end of the process. `probe_exit`: run the script
+    under EXIT_PROBE, so stderr shows whether the interpreter's exit handlers ran."""
     import signal
     import time
 
     argv = [*TINY, "--total-timesteps", str(100_000 * BATCH), "--runs-dir", str(runs_dir), *extra_argv]
+    command = script_command(script, *argv)
+    if probe_exit:
+        command = [sys.executable, "-c", EXIT_PROBE, *command[1:]]
     process = subprocess.Popen(
-        script_command(script, *argv),
+        command,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
     )  # fmt: skip
     deadline = time.monotonic() + timeout
@@ -163,10 +179,10 @@ def interrupt_a_run(script, runs_dir, timeout=300, rows=2, twice=False, extra_ar
             time.sleep(0.2)
         assert process.poll() is None, "the run ended before it could be interrupted"
         if twice:
-            time.sleep(2.0)  # the rows are written just before a chunk starts: be well inside it
+            time.sleep(wait)  # (reppo_jax.py) the rows are written just before a chunk starts: be well inside it
         process.send_signal(signal.SIGINT)
         if twice:
-            time.sleep(1.0)
+            time.sleep(gap)
             process.send_signal(signal.SIGINT)
         last_signal = time.monotonic()
         _, err = process.communicate(timeout=timeout)

@@ -140,6 +140,27 @@ def test_ctrl_c_in_the_last_chunk_still_saves_a_checkpoint(tmp_path, monkeypatch
         assert json.loads(str(data["meta"]))["global_step"] == 2 * BATCH
 
 
+def test_a_second_ctrl_c_while_saving_stops_and_says_so(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C stops the run after its chunk and saves; a second one during that save
+    stops it and says that no checkpoint was written, instead of leaving in silence."""
+    real_train_chunk = rj.Runner.train_chunk
+
+    def ctrl_c_in_the_first_chunk(runner, state, num_iterations):
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the first: finish, then save
+        return real_train_chunk(runner, state, num_iterations)
+
+    def ctrl_c_while_saving(*args, **kwargs):
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the second: raises KeyboardInterrupt
+        raise AssertionError("the second Ctrl-C did not stop the save")
+
+    monkeypatch.setattr(rj.Runner, "train_chunk", ctrl_c_in_the_first_chunk)
+    monkeypatch.setattr(rj, "save_checkpoint", ctrl_c_while_saving)
+    assert rj.main([*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted again while saving: no checkpoint written" in err and "interrupted: saved" not in err
+    assert not os.path.exists(os.path.join(only_run(tmp_path), "checkpoint.npz"))
+
+
 def test_training_episodes_are_logged_with_their_length_and_return(tmp_path):
     """charts/episodic_*: the mean over the complete episodes that ended since the last log
     point (10-step episodes here; the first, shortened ones are not complete and not counted)."""

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import (
     BATCH,
+    EXIT_HANDLERS_RAN,
     TINY,
     StubWandbRun,
     assert_same_rows,
@@ -472,6 +473,47 @@ def test_num_seeds_runs_each_seed_in_its_own_folder(tmp_path):
     folders = sorted(glob.glob(os.path.join(tmp_path, "*")))
     assert [f.split("__")[2] for f in folders] == ["1", "2"]
     assert [read_metrics(f)[-1]["seed"] for f in folders] == ["1", "2"]
+
+
+def test_a_real_ctrl_c_twice_leaves_at_once_without_the_exit_handlers(tmp_path):
+    """Two real SIGINTs 0.3 s apart, the first once the step-0 evaluation is logged: the second
+    lands in the warm-up iteration (JAX compiling the simulator), in the checkpoint's save, or
+    after the run has already stopped. Whichever: exit code 130, one of the three messages, no
+    traceback, and the interpreter's exit handlers skipped. A second Ctrl-C inside XLA's
+    compilation left it half done, and JAX's exit handler then crashed the interpreter (a
+    segmentation fault, about one such exit in two at --preset cpu in session 20)."""
+    code, err, run_dir, _ = interrupt_a_run(
+        "reppo_torch.py", tmp_path, rows=1, twice=True, wait=0.0, gap=0.3, probe_exit=True
+    )
+    assert code == 130, f"exit {code}\n{err}"
+    assert "Traceback" not in err and "Fatal Python error" not in err, err
+    assert EXIT_HANDLERS_RAN not in err, err
+    messages = ["interrupted: saved", "interrupted twice, inside an iteration", "interrupted again while saving"]
+    assert sum(m in err for m in messages) == 1, err
+    assert os.path.exists(os.path.join(run_dir, "checkpoint.pt")) == ("interrupted: saved" in err)
+
+
+def test_a_second_ctrl_c_while_saving_stops_and_says_so(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C stops the run after its iteration and saves; a second one during that
+    save (its first call compiles the simulator-state copy: seconds) stops it and says that no
+    checkpoint was written, instead of leaving in silence."""
+    real_train_iteration = rt.Trainer.train_iteration
+
+    def ctrl_c_in_iteration_2(trainer):
+        if trainer.iteration == 1:
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the first: finish, then save
+        return real_train_iteration(trainer)
+
+    def ctrl_c_while_saving(*args, **kwargs):
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the second: raises KeyboardInterrupt
+        raise AssertionError("the second Ctrl-C did not stop the save")
+
+    monkeypatch.setattr(rt.Trainer, "train_iteration", ctrl_c_in_iteration_2)
+    monkeypatch.setattr(rt, "save_checkpoint", ctrl_c_while_saving)
+    assert rt.main([*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted again while saving: no checkpoint written" in err and "interrupted: saved" not in err
+    assert not os.path.exists(os.path.join(only_run(tmp_path), "checkpoint.pt"))
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
