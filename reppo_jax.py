@@ -1133,8 +1133,13 @@ def save_checkpoint(path: str, state: TrainState, args: Args, global_step: int) 
     meta = {"args": dataclasses.asdict(args), "global_step": global_step, "num_leaves": len(leaves)}
     arrays = {f"leaf_{i:05d}": leaf for i, leaf in enumerate(leaves)}
     tmp_path = path + ".tmp.npz"
-    np.savez(tmp_path, meta=np.array(json.dumps(meta)), **arrays)
-    os.replace(tmp_path, path)
+    try:
+        np.savez(tmp_path, meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(tmp_path, path)
+    except BaseException:  # a Ctrl-C or a full disk half way: no partial file is left behind
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
 
 
 def read_checkpoint_meta(path: str) -> dict:
@@ -1551,9 +1556,10 @@ def train(args: Args, argv: list[str]) -> str:
         if interrupted["clean"]:
             try:
                 save_checkpoint(checkpoint_path, state, args, iteration * batch_size)
-                logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
             except KeyboardInterrupt:  # a second Ctrl-C while saving: stop now, and say so
                 logger.write("interrupted again while saving: no checkpoint written")
+            else:
+                logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
         else:
             logger.write("interrupted inside a chunk (Ctrl-C twice): no checkpoint written")
         raise

@@ -1791,8 +1791,13 @@ def save_checkpoint(
     payload["metrics_since_log"] = list(metrics or [])
     payload["trainer"] = trainer.state_dict()
     tmp_path = path + ".tmp"
-    torch.save(payload, tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        torch.save(payload, tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:  # a Ctrl-C or a full disk half way: no partial file is left behind
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
 
 
 def load_trainer_state(trainer: Trainer, payload: dict, path: str, **options) -> None:
@@ -2219,16 +2224,17 @@ def train(args: Args, argv: list[str]) -> str:
         if interrupted["clean"]:
             try:  # the save can take seconds (its first call compiles the simulator-state copy)
                 save_checkpoint(checkpoint_path, trainer, args, iteration * batch_size, metrics)
-                logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
             except KeyboardInterrupt:  # a second Ctrl-C while saving: stop now, and say so
                 logger.write("interrupted again while saving: no checkpoint written")
+            else:
+                logger.write(f"interrupted: saved {checkpoint_path} at step {iteration * batch_size:,}")
         else:
             logger.write("interrupted twice, inside an iteration: no checkpoint written")
         raise
     finally:  # also after a non-finite loss (UserError): the progress bar and wandb are closed
         restore_interrupt_handler()
+        logger.close(completed)  # first: a Ctrl-C in the simulators' close then skips nothing of it
         trainer.close()
-        logger.close(completed)
     return run_dir
 
 
@@ -2307,8 +2313,9 @@ if __name__ == "__main__":
     if code == 130:
         # Ctrl-C. A second one can land inside a JAX call (the simulator's compilation, say) and
         # leave XLA half way through it; JAX's exit handlers then crashed the interpreter with a
-        # segmentation fault. Every file is written and closed by now (the metrics, the
-        # checkpoint, wandb, the simulator), so the process leaves at once, without them.
+        # segmentation fault. train() has closed the run on its way out (the metrics file, the
+        # checkpoint, the progress bar, wandb, the simulators), so the process leaves at once,
+        # without the exit handlers.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -141,24 +141,29 @@ def test_ctrl_c_in_the_last_chunk_still_saves_a_checkpoint(tmp_path, monkeypatch
 
 
 def test_a_second_ctrl_c_while_saving_stops_and_says_so(tmp_path, monkeypatch, capsys):
-    """The first Ctrl-C stops the run after its chunk and saves; a second one during that save
-    stops it and says that no checkpoint was written, instead of leaving in silence."""
+    """The first Ctrl-C stops the run after its chunk and saves; a second one while the file
+    is being written stops it, says that no checkpoint was written, and leaves no partial file."""
     real_train_chunk = rj.Runner.train_chunk
+    written = []
 
     def ctrl_c_in_the_first_chunk(runner, state, num_iterations):
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the first: finish, then save
         return real_train_chunk(runner, state, num_iterations)
 
-    def ctrl_c_while_saving(*args, **kwargs):
+    def ctrl_c_half_way_through_the_file(path, **arrays):
+        with open(path, "wb") as f:
+            f.write(b"the first bytes of a checkpoint")
+        written.append(path)
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the second: raises KeyboardInterrupt
         raise AssertionError("the second Ctrl-C did not stop the save")
 
     monkeypatch.setattr(rj.Runner, "train_chunk", ctrl_c_in_the_first_chunk)
-    monkeypatch.setattr(rj, "save_checkpoint", ctrl_c_while_saving)
+    monkeypatch.setattr(rj.np, "savez", ctrl_c_half_way_through_the_file)
     assert rj.main([*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert "interrupted again while saving: no checkpoint written" in err and "interrupted: saved" not in err
-    assert not os.path.exists(os.path.join(only_run(tmp_path), "checkpoint.npz"))
+    assert len(written) == 1 and os.path.dirname(written[0]) == only_run(tmp_path)
+    assert sorted(os.listdir(only_run(tmp_path))) == ["args.json", "metrics.csv"]  # no checkpoint, no .tmp
 
 
 def test_training_episodes_are_logged_with_their_length_and_return(tmp_path):

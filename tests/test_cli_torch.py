@@ -494,26 +494,31 @@ def test_a_real_ctrl_c_twice_leaves_at_once_without_the_exit_handlers(tmp_path):
 
 
 def test_a_second_ctrl_c_while_saving_stops_and_says_so(tmp_path, monkeypatch, capsys):
-    """The first Ctrl-C stops the run after its iteration and saves; a second one during that
-    save (its first call compiles the simulator-state copy: seconds) stops it and says that no
-    checkpoint was written, instead of leaving in silence."""
+    """The first Ctrl-C stops the run after its iteration and saves; a second one while the
+    file is being written (the first save compiles the simulator-state copy: seconds) stops it,
+    says that no checkpoint was written, and leaves no partial file behind."""
     real_train_iteration = rt.Trainer.train_iteration
+    written = []
 
     def ctrl_c_in_iteration_2(trainer):
         if trainer.iteration == 1:
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the first: finish, then save
         return real_train_iteration(trainer)
 
-    def ctrl_c_while_saving(*args, **kwargs):
+    def ctrl_c_half_way_through_the_file(payload, path):
+        with open(path, "wb") as f:
+            f.write(b"the first bytes of a checkpoint")
+        written.append(path)
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the second: raises KeyboardInterrupt
         raise AssertionError("the second Ctrl-C did not stop the save")
 
     monkeypatch.setattr(rt.Trainer, "train_iteration", ctrl_c_in_iteration_2)
-    monkeypatch.setattr(rt, "save_checkpoint", ctrl_c_while_saving)
+    monkeypatch.setattr(rt.torch, "save", ctrl_c_half_way_through_the_file)
     assert rt.main([*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert "interrupted again while saving: no checkpoint written" in err and "interrupted: saved" not in err
-    assert not os.path.exists(os.path.join(only_run(tmp_path), "checkpoint.pt"))
+    assert len(written) == 1 and os.path.dirname(written[0]) == only_run(tmp_path)
+    assert sorted(os.listdir(only_run(tmp_path))) == ["args.json", "metrics.csv"]  # no checkpoint, no .tmp
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
