@@ -204,6 +204,19 @@ LONGEST_FIRST = [
 ]  # fmt: skip
 
 
+def ctrl_c_while_writing(path, written: list) -> None:
+    """A stand-in for a checkpoint writer (torch.save, np.savez): writes the first bytes of
+    `path`, notes it in `written`, then calls the run's own SIGINT handler as a second Ctrl-C
+    would (which raises KeyboardInterrupt)."""
+    import signal
+
+    with open(path, "wb") as f:
+        f.write(b"the first bytes of a checkpoint")
+    written.append(path)
+    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    raise AssertionError("the second Ctrl-C did not stop the save")
+
+
 def check_track_and_resume(main, checkpoint_name, runs_dir, monkeypatch) -> None:
     """--track with a recording stand-in for wandb (fake_wandb), then --resume of that run: init
     gets the run folder's name as the run id with resume="allow" (so the resumed run continues

@@ -18,6 +18,7 @@ from conftest import (
     assert_same_rows,
     check_saves_at_every_log_point,
     check_track_and_resume,
+    ctrl_c_while_writing,
     interrupt_a_run,
     only_run,
     read_metrics,
@@ -150,15 +151,8 @@ def test_a_second_ctrl_c_while_saving_stops_and_says_so(tmp_path, monkeypatch, c
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the first: finish, then save
         return real_train_chunk(runner, state, num_iterations)
 
-    def ctrl_c_half_way_through_the_file(path, **arrays):
-        with open(path, "wb") as f:
-            f.write(b"the first bytes of a checkpoint")
-        written.append(path)
-        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the second: raises KeyboardInterrupt
-        raise AssertionError("the second Ctrl-C did not stop the save")
-
     monkeypatch.setattr(rj.Runner, "train_chunk", ctrl_c_in_the_first_chunk)
-    monkeypatch.setattr(rj.np, "savez", ctrl_c_half_way_through_the_file)
+    monkeypatch.setattr(rj.np, "savez", lambda path, **arrays: ctrl_c_while_writing(path, written))
     assert rj.main([*TINY, "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert "interrupted again while saving: no checkpoint written" in err and "interrupted: saved" not in err
