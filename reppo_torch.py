@@ -193,10 +193,11 @@ class Args:
     """Adam's fused kernel, on CPU or CUDA (the same update rule in one kernel per step instead of
     a loop over parameters); under --compile the compiled update holds Adam itself"""
     cuda_graphs: bool = False
-    """CUDA only: record one whole minibatch update (both losses, their gradients, clipping and
-    both Adam steps, with Adam's capturable mode) once as a CUDA graph and replay it: several
-    hundred small kernels launched as one; the same math on the same random numbers (tested
-    equal to eager updates on a GPU)"""
+    """CUDA only: record the whole minibatch update (both losses, their gradients, clipping and
+    both Adam steps, with Adam's capturable mode) and collection's two network steps (act,
+    bootstrap) once each as a CUDA graph and replay them: many small kernels launched as one;
+    the same math on the same random numbers (tested equal to eager updates and collection on
+    a GPU)"""
     torch_threads: int = 0
     """CPU threads of PyTorch's own kernels; 0 keeps PyTorch's default (one per core). On a CPU
     shared with other busy processes pass 1: OpenMP threads that wait for a busy core ran 10-70x
@@ -1365,6 +1366,101 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
+class CUDAGraphed:
+    """--cuda-graphs: a function of GPU tensors, recorded once as a CUDA graph and replayed.
+
+    Eager PyTorch launches each small kernel from Python, and on a GPU each launch costs more
+    than the kernel's own work at REPPO's sizes: a minibatch update is several hundred
+    kernels, a collection step (``act``, ``bootstrap``) dozens. A CUDA graph records a
+    function's kernels once and relaunches them all with one call. A graph reads and writes
+    fixed memory, so each call copies its tensor arguments into fixed tensors
+    (``self.inputs``), replays, and copies the results out of one fixed tensor that holds
+    them all (``self.output``; results are float32, as every result here is). The function
+    must not wait for the CPU (no ``.item()``, no branch on a tensor's value), which is what
+    recording needs; its arguments are tensors, tuples (a NamedTuple such as
+    ``NormalizerState``) or dicts of tensors, and any other argument (a network, a float) is
+    a constant of the recording: the graph reads the network's parameters where they lie,
+    which the optimisers update in place. It returns a tuple or a dict of tensors.
+
+    The first call runs the function on a side stream (which compiles it under --compile
+    and creates the libraries' workspaces, as a recording must find them) and returns those
+    results; then it records, and recording runs nothing. The same kernels on the same
+    numbers (the random noise is drawn outside, as an argument), so the same math.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list[torch.Tensor] = []  # the fixed tensors the graph reads its arguments from
+        self.output: torch.Tensor | None = None  # the fixed tensor it writes its results to, flat
+        self.names: list[str] | None = None  # the results' names, when ``fn`` returns a dict
+        self.shapes: list[torch.Size] = []
+        self.starts: list[int] = []  # where each result starts in ``self.output``
+
+    @staticmethod
+    def _fixed(arg):
+        """A fixed copy of one argument (tensors cloned; a constant kept as it is)."""
+        if isinstance(arg, torch.Tensor):
+            return arg.clone()
+        if isinstance(arg, dict):
+            return {name: value.clone() for name, value in arg.items()}
+        if isinstance(arg, tuple):
+            return type(arg)(*(value.clone() for value in arg))
+        return arg
+
+    @staticmethod
+    def _tensors(args) -> list[torch.Tensor]:
+        """The tensors among the arguments, in order."""
+        tensors = []
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                tensors.append(arg)
+            elif isinstance(arg, dict):
+                tensors.extend(arg[name] for name in sorted(arg))
+            elif isinstance(arg, tuple):
+                tensors.extend(arg)
+        return tensors
+
+    def __call__(self, *args):
+        if self.graph is None:
+            return self._record(args)
+        for fixed, value in zip(self.inputs, self._tensors(args)):
+            fixed.copy_(value)
+        self.graph.replay()
+        output = self.output.clone()  # one copy for all results (the next replay overwrites them)
+        values = [output[start : start + shape.numel()].view(shape) for start, shape in zip(self.starts, self.shapes)]
+        return dict(zip(self.names, values)) if self.names is not None else tuple(values)
+
+    def _record(self, args):
+        fixed_args = [self._fixed(arg) for arg in args]
+        self.inputs = self._tensors(fixed_args)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            result = self.fn(*fixed_args)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # "thread_local": only this thread must stay off the GPU's unsafe calls while
+        # recording (JAX's own threads, simulating beside PyTorch, may not be idle).
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            recorded = self.fn(*fixed_args)
+            if isinstance(recorded, dict):
+                self.names, recorded = list(recorded), list(recorded.values())
+            self.shapes = [value.shape for value in recorded]
+            # Each result starts on a 256-byte boundary, as a tensor of its own would: the
+            # action goes on to JAX through DLPack, which wants aligned memory.
+            padded = [math.ceil(shape.numel() / 64) * 64 for shape in self.shapes]
+            self.starts = [sum(padded[:i]) for i in range(len(padded))]
+            self.output = torch.cat(
+                [F.pad(value.float().reshape(-1), (0, size - value.numel())) for value, size in zip(recorded, padded)]
+            )
+        return result
+
+    def forget(self) -> None:
+        """Record again at the next call (after a checkpoint's load replaced Adam's moments)."""
+        self.graph = None
+
+
 class Trainer:
     """Everything one seed's training holds: networks, multipliers, optimisers, normaliser,
     envs and the random generator; ``train_iteration`` is one REPPO iteration."""
@@ -1417,12 +1513,11 @@ class Trainer:
             torch._dynamo.config.trace_autograd_ops = True
             self.act_fn, self.bootstrap_fn = torch.compile(act), torch.compile(bootstrap)
             self.update_fn = torch.compile(self._update)
-        # --cuda-graphs: the recorded minibatch update (made at the second update), the fixed tensors
-        # it reads its inputs from, and the fixed tensor it writes its metrics to.
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_inputs: dict[str, torch.Tensor] = {}
-        self.graph_metric_names: list[str] = []
-        self.graph_metrics: torch.Tensor | None = None
+        if args.cuda_graphs:
+            # The two collection steps and the minibatch update, each recorded once as a CUDA
+            # graph (at its first call; the update's at a run's second update) and replayed.
+            self.act_fn, self.bootstrap_fn = CUDAGraphed(self.act_fn), CUDAGraphed(self.bootstrap_fn)
+            self.update_fn = CUDAGraphed(self.update_fn)
         self.iteration = 0
         self.obs = self.env.reset(randomize_steps=True)  # (N, O)
 
@@ -1481,8 +1576,6 @@ class Trainer:
             # A run's first update is eager: Adam creates its moments and step counts at its
             # first step, and a compiled update (or a recorded graph) must find them there.
             return self._update(inputs)
-        if self.args.cuda_graphs:
-            return self._replay_update(inputs)
         return self.update_fn(inputs)
 
     def _update(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1522,38 +1615,6 @@ class Trainer:
         )
         self._step(self.actor_opt, self.actor_params, loss)
         return {**critic_info, **actor_info}
-
-    def _replay_update(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """--cuda-graphs: one minibatch update as a replay of a recorded CUDA graph.
-
-        Eager PyTorch launches each of an update's several hundred small kernels from Python
-        (on a GPU each launch costs more than the kernel's own work at these sizes); a CUDA
-        graph records them once and relaunches them all with one call. A graph reads and
-        writes fixed memory, so the inputs are copied into fixed tensors (``graph_inputs``)
-        and the metrics are copied out of fixed ones after each replay. Nothing in
-        ``_update`` waits for the CPU (no ``.item()``, no branch on a tensor's value), which
-        is what recording needs. At the first call (a run's second update: its first, eager
-        one created Adam's moments), this minibatch is updated on a side stream (which
-        compiles ``update_fn`` under --compile and creates the libraries' workspaces, as a
-        recording must find them), then the graph is recorded: recording runs nothing.
-        """
-        if self.graph is None:
-            self.graph_inputs = {name: value.clone() for name, value in inputs.items()}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                info = self.update_fn(self.graph_inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                recorded = self.update_fn(self.graph_inputs)
-                self.graph_metric_names = list(recorded)
-                self.graph_metrics = torch.stack([recorded[name].float() for name in self.graph_metric_names])
-            return info
-        for name, value in inputs.items():
-            self.graph_inputs[name].copy_(value)
-        self.graph.replay()
-        return dict(zip(self.graph_metric_names, self.graph_metrics.clone().unbind()))
 
     def _step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor) -> None:
         # Gradients with respect to ``params`` only: for the actor loss this leaves the
@@ -1726,7 +1787,8 @@ class Trainer:
             self.log_beta.copy_(state["log_beta"])
         load_optimizer_state(self.actor_opt, state["actor_opt"])
         load_optimizer_state(self.critic_opt, state["critic_opt"])
-        self.graph = None  # a recorded graph would still read Adam's old moment tensors
+        if isinstance(self.update_fn, CUDAGraphed):
+            self.update_fn.forget()  # its recording would still read Adam's old moment tensors
         self.normalizer = NormalizerState(**{k: v.to(self.device) for k, v in state["normalizer"].items()})
         self.iteration = int(state["iteration"])
         if state["generator"].numel() == self.generator.get_state().numel():

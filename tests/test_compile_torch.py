@@ -1,8 +1,8 @@
 """The speed switches change nothing but speed: with --compile (torch.compile of the collection
 step, and of the whole minibatch update as one graph) one rollout and three updates, with
---fused-adam (Adam's fused kernel) three updates, and on a CUDA device with --cuda-graphs (a
-recorded, replayed update) five updates give the same losses, metrics and new parameters as
-plain eager PyTorch."""
+--fused-adam (Adam's fused kernel) three updates, and on a CUDA device with --cuda-graphs
+(recorded, replayed updates and collection steps) five updates and two rollouts give the same
+losses, metrics, new parameters and rollouts as plain eager PyTorch."""
 
 import copy
 import dataclasses
@@ -24,9 +24,12 @@ class StubEnv:
     obs_size = OBS
     action_size = ACT
 
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
     def reset(self, randomize_steps, key=None):
         self.t = 0
-        self.state = torch.linspace(-1, 1, self.num_envs * OBS).reshape(self.num_envs, OBS)
+        self.state = torch.linspace(-1, 1, self.num_envs * OBS, device=self.device).reshape(self.num_envs, OBS)
         return self.state
 
     def get_state(self):
@@ -39,12 +42,12 @@ class StubEnv:
         self.t += 1
         final_obs = 0.9 * self.state + 0.5 * action.sum(dim=-1, keepdim=True) + 0.1
         reward = -(final_obs**2).mean(dim=-1)
-        ended = torch.zeros(self.num_envs)
+        ended = torch.zeros(self.num_envs, device=self.device)
         ended[0] = float(self.t % 2 == 0)
         terminated = ended * float(self.t % 4 == 0)
         truncated = ended - terminated
         self.state = torch.where(ended[:, None] > 0, torch.zeros_like(final_obs), final_obs)
-        zeros = torch.zeros(self.num_envs)
+        zeros = torch.zeros(self.num_envs, device=self.device)
         return rt.StepResult(
             self.state, final_obs, reward, terminated, truncated, ended > 0, zeros, zeros, zeros, zeros
         )
@@ -67,7 +70,7 @@ def require_compiler() -> None:
 def make_trainer(device: str = "cpu", **switches) -> rt.Trainer:
     args = rt.Args(env_id="CartpoleBalance", num_envs=4, num_steps=8, actor_hidden=32, critic_hidden=32)
     args = dataclasses.replace(args, vmin=0.0, vmax=150.0, gamma=0.99, episode_length=1000, **switches)
-    return rt.Trainer(args, 0, torch.device(device), env=StubEnv(), build_eval_env=False)
+    return rt.Trainer(args, 0, torch.device(device), env=StubEnv(device), build_eval_env=False)
 
 
 def make_minibatch(seed: int) -> dict[str, torch.Tensor]:
@@ -176,8 +179,33 @@ def test_cuda_graph_updates_equal_eager_updates(compile):
     for seed in (1, 2, 3, 4, 5):
         minibatch = {name: value.cuda() for name, value in make_minibatch(seed).items()}
         eager_info, graphed_info = eager.update_minibatch(minibatch), graphed.update_minibatch(minibatch)
-        assert (graphed.graph is not None) == (seed > 1)
+        assert (graphed.update_fn.graph is not None) == (seed > 1)
         assert_same(graphed, graphed_info, eager, eager_info)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="--cuda-graphs needs a CUDA device")
+def test_cuda_graph_collection_equals_eager_collection():
+    eager = make_trainer("cuda")
+    graphed = make_trainer("cuda", cuda_graphs=True)
+    graphed.load_state_dict(eager.state_dict(), with_env=False)  # same weights and random generator
+    assert isinstance(graphed.act_fn, rt.CUDAGraphed) and isinstance(graphed.bootstrap_fn, rt.CUDAGraphed)
+    # The first rollout's first step runs act and bootstrap on a side stream and records them;
+    # its other steps and the whole second rollout replay. Between the two rollouts the
+    # normaliser changes (new tensors, copied in at each call) and so do the actor's weights.
+    for rollout_index in range(2):
+        eager_rollout = eager.collect_rollout()
+        graphed_rollout = graphed.collect_rollout()
+        assert graphed.act_fn.graph is not None and graphed.bootstrap_fn.graph is not None
+        for name in rt.Rollout._fields:
+            torch.testing.assert_close(
+                getattr(graphed_rollout, name), getattr(eager_rollout, name), msg=f"rollout {rollout_index}: {name}"
+            )
+        for trainer in (eager, graphed):
+            trainer.normalizer = rt.normalizer_update(trainer.normalizer, trainer.rollout.raw_obs)
+            with torch.no_grad():
+                for param in trainer.actor.parameters():
+                    param.mul_(1.1)  # in place, as Adam updates them: the graph must read the new values
+    assert eager_rollout.terminated.sum() > 0 and eager_rollout.truncated.sum() > 0
 
 
 def test_resuming_with_a_speed_switch_keeps_it_and_the_saved_moments():
