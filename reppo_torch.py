@@ -2148,12 +2148,15 @@ def run_eval_only(args: Args) -> None:
     device = torch_device(args)
     # Evaluation needs no training envs: the evaluation envs stand in for them.
     eval_env = make_eval_env(args, args.seed, device)
-    trainer = Trainer(
-        dataclasses.replace(args, num_envs=eval_env.num_envs), args.seed, device, env=eval_env, build_eval_env=False
-    )
-    trainer.eval_env = eval_env
-    load_trainer_state(trainer, payload, args.checkpoint, with_env=False)
-    row = eval_rows(trainer)
+    try:  # the simulators are closed however evaluation ends (a bad checkpoint, a Ctrl-C)
+        trainer = Trainer(
+            dataclasses.replace(args, num_envs=eval_env.num_envs), args.seed, device, env=eval_env, build_eval_env=False
+        )
+        trainer.eval_env = eval_env
+        load_trainer_state(trainer, payload, args.checkpoint, with_env=False)
+        row = eval_rows(trainer)
+    finally:
+        eval_env.close()
     line = (
         f"eval seed={args.seed} step={payload['global_step']} "
         f"episodic_return={row['eval/episodic_return']:.2f} +- {row['eval/episodic_return_std']:.2f} "
@@ -2166,7 +2169,6 @@ def run_eval_only(args: Args) -> None:
             f" success_once={row['eval_stochastic/success_once']:.2f})"
         )
     print(line)
-    trainer.close()
 
 
 def train(args: Args, argv: list[str]) -> str:

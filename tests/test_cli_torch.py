@@ -137,6 +137,27 @@ def test_eval_only_evaluates_the_checkpoint(full_run, capsys):
     assert "over 3 episodes" in capsys.readouterr().out
 
 
+def test_eval_only_closes_its_simulators_however_it_ends(full_run, monkeypatch):
+    """A Ctrl-C (or an error) during --eval-only still closes the evaluation envs (ManiSkill's
+    simulators), as training does, before the process leaves."""
+    closed = []
+    make_eval_env = rt.make_eval_env
+
+    def recording_eval_env(*args, **kwargs):
+        env = make_eval_env(*args, **kwargs)
+        close = env.close
+        env.close = lambda: (closed.append(True), close())
+        return env
+
+    def interrupted(trainer):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rt, "make_eval_env", recording_eval_env)
+    monkeypatch.setattr(rt, "eval_rows", interrupted)
+    assert rt.main(["--eval-only", "--checkpoint", os.path.join(full_run, "checkpoint.pt")]) == 130
+    assert closed == [True]
+
+
 def test_training_episodes_are_logged_with_their_length_and_return(tmp_path):
     """charts/episodic_*: the mean over the complete episodes that ended since the last log
     point (10-step episodes here; the first, shortened ones are not complete and not counted)."""
