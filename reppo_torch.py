@@ -1404,8 +1404,9 @@ class CUDAGraphed:
             return arg.clone()
         if isinstance(arg, dict):
             return {name: value.clone() for name, value in arg.items()}
-        if isinstance(arg, tuple):
-            return type(arg)(*(value.clone() for value in arg))
+        if isinstance(arg, tuple):  # a NamedTuple keeps its type
+            values = [value.clone() for value in arg]
+            return type(arg)(*values) if hasattr(arg, "_fields") else tuple(values)
         return arg
 
     @staticmethod
@@ -1424,7 +1425,7 @@ class CUDAGraphed:
     def __call__(self, *args):
         if self.graph is None:
             return self._record(args)
-        for fixed, value in zip(self.inputs, self._tensors(args)):
+        for fixed, value in zip(self.inputs, self._tensors(args), strict=True):  # as many as recorded
             fixed.copy_(value)
         self.graph.replay()
         output = self.output.clone()  # one copy for all results (the next replay overwrites them)

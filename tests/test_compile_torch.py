@@ -176,11 +176,42 @@ def test_cuda_graph_updates_equal_eager_updates(compile):
     assert switched_on(graphed, "capturable")
     # The first update is eager (it creates Adam's state), the second updates on a side
     # stream and records, the others replay.
+    infos = []
     for seed in (1, 2, 3, 4, 5):
         minibatch = {name: value.cuda() for name, value in make_minibatch(seed).items()}
         eager_info, graphed_info = eager.update_minibatch(minibatch), graphed.update_minibatch(minibatch)
         assert (graphed.update_fn.graph is not None) == (seed > 1)
         assert_same(graphed, graphed_info, eager, eager_info)
+        infos.append((eager_info, graphed_info))
+    # Each replay's metrics are its own (train_iteration averages them after all the updates),
+    # not views of the graph's output that the next replay overwrote.
+    for eager_info, graphed_info in infos:
+        for name, value in eager_info.items():
+            torch.testing.assert_close(graphed_info[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_cuda_graphed_arguments_are_copied_in_and_found_again():
+    """What CUDAGraphed records and copies in at each call (checked without a GPU): every
+    tensor among the arguments (NamedTuples, dicts by sorted name), in the same order in
+    the fixed copies as in a later call's arguments; networks and floats stay constants."""
+    normalizer = rt.normalizer_init(3)
+    args = (
+        rt.Actor(3, 1, 8, 0.1),
+        normalizer,
+        torch.ones(2),
+        {"b": torch.zeros(1), "a": torch.ones(4)},
+        0.99,
+        (torch.ones(5),),
+    )
+    fixed = [rt.CUDAGraphed._fixed(arg) for arg in args]
+    assert fixed[0] is args[0] and fixed[4] == 0.99
+    assert isinstance(fixed[1], rt.NormalizerState) and isinstance(fixed[5], tuple)
+    found, found_fixed = rt.CUDAGraphed._tensors(args), rt.CUDAGraphed._tensors(fixed)
+    expected = [*normalizer, args[2], args[3]["a"], args[3]["b"], args[5][0]]
+    assert len(found) == len(found_fixed) == len(expected) == 7
+    for tensor, copy_, original in zip(found, found_fixed, expected):
+        assert tensor is original  # the call's own tensors, in order...
+        assert torch.equal(copy_, original) and copy_.data_ptr() != original.data_ptr()  # ...and fixed copies
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="--cuda-graphs needs a CUDA device")

@@ -82,6 +82,9 @@ def test_pi_old_and_the_targets_stay_fixed_for_the_whole_learning_phase(monkeypa
         np.testing.assert_allclose(old_std, std, rtol=1e-5, atol=1e-6)
     obs, old_mean, _ = actor_inputs[-1]
     assert np.abs(trained_actor(obs)[0] - old_mean).max() > 1e-4  # the actor did move meanwhile
+    # The iteration hands the next one a fresh key: its actions, value samples, minibatch
+    # permutations and loss noise are not this iteration's again.
+    assert not np.array_equal(np.asarray(new_state.key), np.asarray(state.key))
     assert constants == {("actor", 0.07, -2.0, 140.0, 5, 2.5), ("critic", -2.0, 140.0, 0.3), ("bootstrap", 3)}
     actions = np.abs(np.stack(actions))
     assert len(actions) == args.num_steps and actions.max() == np.float32(0.999)  # some were clipped
