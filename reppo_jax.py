@@ -171,7 +171,7 @@ class Args:
     """training iterations fused into one jitted call; logging, evaluation and checkpointing happen between calls"""
 
 
-# `--preset cpu`: the issue's CPU setting (64 envs x 32 steps, 4 minibatches, 8 epochs,
+# `--preset cpu`: a small setting for a CPU (64 envs x 32 steps, 4 minibatches, 8 epochs,
 # hidden 256); everything else as SPEC section 11.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -476,7 +476,7 @@ LOG_PROB_CLIP = 1.0 - 1e-6
 KL_SAMPLE_CLIP = 1.0 - 1e-4
 # IMPLEMENTATION DETAIL 3: actions sent to the environment are clipped to +-0.999.
 ACTION_CLIP = 0.999
-# Floor of the variance in the observation normaliser (the paper code's constant).
+# Added to the variance before the square root in normalize() (the paper code's constant).
 NORMALIZER_EPS = 1e-2
 
 
@@ -520,8 +520,9 @@ def sample_tanh_normal(mean: jax.Array, std: jax.Array, noise: jax.Array) -> tup
 
     The log-probability is computed from the pre-tanh value u: in exact arithmetic the
     same number as ``tanh_normal_log_prob(a, ...)`` while |u| < atanh(1 - 1e-6) ~= 7.25, but
-    in float32 atanh(tanh(u)) loses u as a nears +-1 (log-probs apart by 4e-3 at u = 5 and
-    0.1 at u = 6 for std 0.5; beyond the clip the atanh path is capped), while u is exact.
+    in float32 atanh(tanh(u)) loses u as a nears +-1 (in JAX's float32, log-probs apart by 4e-3
+    at u = 5 and 0.1 at u = 6 for mean 0 and std 0.5; beyond the clip the atanh path is
+    capped), while u is exact.
     """
     pre_tanh = mean + std * noise
     return jnp.tanh(pre_tanh), tanh_normal_log_prob_from_pre_tanh(pre_tanh, mean, std)
@@ -701,8 +702,9 @@ def critic_loss(
 
     L_aux = (1 - terminated) * [ mean_j (z'_hat - z')_j^2 + (r_hat - r)^2 ]: the critic's
     features must predict the reward and the next state's features (a self-predictive
-    auxiliary task that shapes the representation). Shapes: obs (B, O), action (B, A),
-    target_return / reward / terminated (B,), next_features (B, hidden).
+    auxiliary task that shapes the representation). Shapes (B: the minibatch's size here, not
+    N * T): obs (B, O), action (B, A), target_return / reward / terminated (B,), next_features
+    (B, hidden).
     """
     logits, features = critic(obs, action)
     target_probs = hl_gauss(target_return, logits.shape[-1], vmin, vmax)
@@ -743,7 +745,8 @@ def actor_loss(
         L_beta  = -beta * sg(mean_b KL - kl_bound)
     returns mean_b(l_pi) + mean_b(L_alpha) + L_beta. Only the actor, log_alpha and
     log_beta are differentiated (the caller takes gradients with respect to those).
-    Shapes: obs (B, O), old_mean/old_std/action_noise (B, A), kl_noise (M, B, A).
+    Shapes (B: the minibatch's size): obs (B, O), old_mean/old_std/action_noise (B, A),
+    kl_noise (M, B, A).
     """
     mean, std = actor(obs)
     action, log_prob = sample_tanh_normal(mean, std, action_noise)  # (B, A), (B,)
@@ -1405,8 +1408,8 @@ def write_args(args: Args, run_dir: str, argv: list[str]) -> None:
 
 def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
     """--resume and --eval-only take the checkpoint's own arguments (so that networks, env
-    and sizes match it); a resumed run may extend --total-timesteps and an evaluation may
-    change --num-eval-envs when those flags are given."""
+    and sizes match it), but for --total-timesteps (which a resumed run extends) and
+    --num-eval-envs, taken from the command line when given."""
     path = args.resume or args.checkpoint
     saved_args = read_checkpoint_meta(path)["args"]
     unknown = sorted(set(saved_args) - {field.name for field in dataclasses.fields(Args)})

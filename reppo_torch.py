@@ -35,10 +35,11 @@ The contract for every line is the project's ``SPEC.md``, cited below as "SPEC s
 (it is not shipped here: ``docs/reppo.md`` maps those numbers to its own headings, and
 explains each equation and each ``IMPLEMENTATION DETAIL n`` tag below; the numbers are the
 same as in ``reppo_jax.py``). Notes for readers who know ``reppo_jax.py``: where JAX threads an
-explicit random key, this file draws from one ``torch.Generator`` per seed; where JAX
-fuses a whole iteration into one compiled ``lax.scan``, this file runs an ordinary Python
-loop over pre-allocated tensors; the MuJoCo Playground physics still runs in JAX (it is
-written in JAX) and its arrays cross to PyTorch without a copy through DLPack.
+explicit random key, this file draws training's random numbers (actions, permutations, the
+losses' noise) from one ``torch.Generator`` per seed; where JAX fuses a whole iteration into
+one compiled ``lax.scan``, this file runs an ordinary Python loop over pre-allocated tensors;
+the MuJoCo Playground physics still runs in JAX (it is written in JAX) and its arrays cross to
+PyTorch without a copy through DLPack.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class Args:
     episode_length: int | None = None
     """time limit of an episode; None takes the suite's (1000 for DM Control, the task's for ManiSkill)"""
     num_eval_envs: int = 16
-    """number of evaluation episodes (one per separate evaluation env)"""
+    """number of evaluation episodes (one per evaluation env; ManiSkill's CPU simulator plays them one
+    after another on its one env)"""
     control_mode: str = "pd_joint_delta_pos"
     """ManiSkill3 controller (the authors' choice); one with its own action bounds (pd_joint_pos,
     pd_ee_pose) gets the policy's (-1, 1) mapped onto them; ignored for Playground tasks"""
@@ -208,7 +210,7 @@ class Args:
     """training iterations between logging, evaluation and checkpointing"""
 
 
-# `--preset cpu`: the issue's CPU setting (64 envs x 32 steps, 4 minibatches, 8 epochs,
+# `--preset cpu`: a small setting for a CPU (64 envs x 32 steps, 4 minibatches, 8 epochs,
 # hidden 256); everything else as SPEC section 11. The same table as reppo_jax.py.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -338,7 +340,7 @@ class StepResult(NamedTuple):
     final_obs: torch.Tensor  # the TRUE observation after this action, even where one ended
     reward: torch.Tensor
     terminated: torch.Tensor  # float 0/1: a real terminal state, no bootstrap
-    truncated: torch.Tensor  # float 0/1: time limit (ManiSkill: by default success too, see ManiSkillEnv); bootstrap
+    truncated: torch.Tensor  # float 0/1: time limit (ManiSkill: by default any end, see ManiSkillEnv); bootstrap
     episode_done: torch.Tensor  # bool: a complete episode (started from a reset) ended here
     episode_return: torch.Tensor  # its return (valid where episode_done)
     episode_length: torch.Tensor  # its length (valid where episode_done)
@@ -730,8 +732,8 @@ def enable_physx_gpu() -> None:
     SAPIEN's wheel: SAPIEN downloads it from the internet into ~/.sapien/physx/<version>/ the
     first time a GPU scene is made. We ask for it here, before ``gym.make`` (which asks again,
     a no-op once it is loaded), so that a machine without internet gets one message instead
-    of the download's traceback. (Not seen on a GPU: the one lent in session 15 reached nothing
-    outside and could not carry SAPIEN; the test makes the download fail.)"""
+    of the download's traceback. (Not yet run on a GPU with internet access; the test makes the
+    download fail.)"""
     import sapien.physx
 
     try:
@@ -835,7 +837,7 @@ class ManiSkillEnv:
 
     def reset(self, randomize_steps: bool, key: int | None = None) -> torch.Tensor:
         # Fresh seeds for every full reset: seed * 1_000_003 + counter (or an explicit one).
-        seed = (key if key is not None else self.seed * 1_000_003 + self.resets) % 2**31  # numpy's seed range
+        seed = (key if key is not None else self.seed * 1_000_003 + self.resets) % 2**31  # a non-negative int32
         self.resets += 1
         obs, _ = self.env.reset(seed=seed)
         if randomize_steps:
@@ -931,7 +933,7 @@ LOG_PROB_CLIP = 1.0 - 1e-6
 KL_SAMPLE_CLIP = 1.0 - 1e-4
 # IMPLEMENTATION DETAIL 3: actions sent to the environment are clipped to +-0.999.
 ACTION_CLIP = 0.999
-# Floor of the variance in the observation normaliser (the paper code's constant).
+# Added to the variance before the square root in normalize() (the paper code's constant).
 NORMALIZER_EPS = 1e-2
 
 
@@ -979,7 +981,8 @@ def sample_tanh_normal(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tenso
     the reparameterisation trick). The log-probability is computed from the pre-tanh value
     u: in exact arithmetic the same number as ``tanh_normal_log_prob(a, ...)`` while
     |u| < atanh(1 - 1e-6) ~= 7.25, but in float32 atanh(tanh(u)) loses u as a nears +-1
-    (log-probs apart by 2e-3 at u = 5 and 9e-3 at u = 6 for std 0.5; beyond the clip the atanh
+    (in PyTorch's float32, log-probs apart by 2e-3 at u = 5 and 9e-3 at u = 6 for mean 0 and std
+    0.5; JAX's tanh and atanh round otherwise; beyond the clip the atanh
     path is capped), while u is exact.
     """
     pre_tanh = mean + std * noise
@@ -1179,8 +1182,9 @@ def critic_loss(
 
     L_aux = (1 - terminated) * [ mean_j (z'_hat - z')_j^2 + (r_hat - r)^2 ]: the critic's
     features must predict the reward and the next state's features (a self-predictive
-    auxiliary task that shapes the representation). Shapes: obs (B, O), action (B, A),
-    target_return / reward / terminated (B,), next_features (B, hidden). The targets come
+    auxiliary task that shapes the representation). Shapes (B: the minibatch's size here, not
+    N * T): obs (B, O), action (B, A), target_return / reward / terminated (B,), next_features
+    (B, hidden). The targets come
     from the rollout (no gradient flows into them).
     """
     logits, features = critic(obs, action)
@@ -1223,7 +1227,8 @@ def actor_loss(
     returns mean_b(l_pi) + mean_b(L_alpha) + L_beta. sg() is ``.detach()``. Only the actor,
     log_alpha and log_beta are to be differentiated: the caller takes gradients with
     respect to those alone (torch.autograd.grad), so the critic is used, not trained.
-    Shapes: obs (B, O), old_mean/old_std/action_noise (B, A), kl_noise (M, B, A).
+    Shapes (B: the minibatch's size): obs (B, O), old_mean/old_std/action_noise (B, A),
+    kl_noise (M, B, A).
     """
     mean, std = actor(obs)
     action, log_prob = sample_tanh_normal(mean, std, action_noise)  # (B, A), (B,)
@@ -1484,7 +1489,8 @@ class Trainer:
 
         self.actor = Actor(obs_size, action_size, args.actor_hidden, args.min_std).to(device)
         self.critic = Critic(obs_size, action_size, args.critic_hidden, args.num_bins, args.vmin, args.vmax).to(device)
-        # alpha and beta are learned in log space; both use the actor's optimiser (SPEC 9).
+        # alpha and beta are learned in log space; both use the actor's optimiser (SPEC 9),
+        # and so share its global-norm gradient clip.
         self.log_alpha = torch.tensor(math.log(args.ent_start), device=device, requires_grad=True)
         self.log_beta = torch.tensor(math.log(args.kl_start), device=device, requires_grad=True)
         self.actor_params = list(self.actor.parameters()) + [self.log_alpha, self.log_beta]
@@ -1516,7 +1522,8 @@ class Trainer:
             self.update_fn = torch.compile(self._update)
         if args.cuda_graphs:
             # The two collection steps and the minibatch update, each recorded once as a CUDA
-            # graph (at its first call; the update's at a run's second update) and replayed.
+            # graph at its first call and replayed (the update's first call comes after Adam
+            # has its state: a fresh run's second update, a resumed run's first).
             self.act_fn, self.bootstrap_fn = CUDAGraphed(self.act_fn), CUDAGraphed(self.bootstrap_fn)
             self.update_fn = CUDAGraphed(self.update_fn)
         self.iteration = 0
@@ -1574,8 +1581,9 @@ class Trainer:
             "kl_noise": self.normal(self.args.num_kl_samples, *shape),
         }
         if not self.critic_opt.state:
-            # A run's first update is eager: Adam creates its moments and step counts at its
-            # first step, and a compiled update (or a recorded graph) must find them there.
+            # An update before Adam has any state (a fresh run's first) is eager: Adam creates
+            # its moments and step counts at its first step, and a compiled update (or a
+            # recorded graph) must find them there.
             return self._update(inputs)
         return self.update_fn(inputs)
 
@@ -1628,8 +1636,10 @@ class Trainer:
             # moments and step counts. optimizer.step() itself would cut the graph in three:
             # it breaks the graph on purpose around its update. "capturable" is the
             # formula with the bias correction computed from the step-count tensors, which
-            # is what torch.compile uses for Adam too. Every setting is read from the
-            # optimiser's own param group, so the two paths cannot drift apart.
+            # is what torch.compile uses for Adam too. Every hyperparameter (lr, betas, eps,
+            # weight decay, ...) is read from the optimiser's own param group, so the two paths
+            # cannot drift apart; the kernel choice is fixed here (foreach, capturable), so
+            # --fused-adam's kernel runs only in eager updates.
             group, state = optimizer.param_groups[0], [optimizer.state[param] for param in params]
             with torch.no_grad():  # as in optimizer.step(): the update is not differentiated
                 functional_adam(
@@ -1729,7 +1739,8 @@ class Trainer:
                 key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.seed), 0xE7A1), self.iteration)
                 obs = env.reset(randomize_steps=False, key=jax.random.fold_in(key, round_index))
             else:
-                # Keys max(131, rounds) apart per iteration: no two rounds of a run share one.
+                # Keys max(131, rounds) apart per iteration: no two log points share one (the
+                # deterministic and the stochastic evaluation of one log point start alike).
                 stride = max(131, rounds)
                 obs = env.reset(randomize_steps=False, key=self.seed * 7919 + self.iteration * stride + round_index)
             episode_return = torch.zeros(env.num_envs, device=self.device)
@@ -2095,8 +2106,8 @@ def describe_device(args: Args, trainer: Trainer, device: torch.device) -> str:
 
 def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
     """--resume and --eval-only take the checkpoint's own arguments (so that networks, env
-    and sizes match it); a resumed run may extend --total-timesteps and an evaluation may
-    change --num-eval-envs when those flags are given (the same rule as reppo_jax.py). The
+    and sizes match it), but for --total-timesteps (which a resumed run extends) and
+    --num-eval-envs, taken from the command line when given (the same rule as reppo_jax.py). The
     device and the speed switches, which never change the math, may be given anew too; without
     CUDA, a checkpoint's --device cuda and --cuda-graphs fall back to the defaults (a run saved
     on a GPU with --cuda-graphs can go on, or be evaluated, on a CPU)."""
