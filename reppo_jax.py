@@ -16,8 +16,8 @@ The algorithm at a glance (one call of ``train_iteration``)::
         soft_reward_t = r_t - (1 - terminated_t) * gamma * alpha * log pi(a'_t | s'_t)
     update the observation normaliser with the rollout              # normalizer_update
     G = soft_lambda_returns(soft_reward, v', terminated, truncated) # soft TD(lambda)
-    pi_old <- pi
-    for epoch in 1..E, for minibatch in a fresh permutation:        # learn
+    pi_old <- pi   (its mean and std on the batch, fixed from here on)
+    for epoch in 1..E, for minibatch in a fresh permutation:        # update_minibatch
         critic step on critic_loss(...)   (HL-Gauss cross-entropy to G + auxiliary loss)
         actor step  on actor_loss(...)    (pathwise, KL-clipped; alpha and beta losses)
 
@@ -138,7 +138,8 @@ class Args:
     aux_coef: float = 1.0
     """weight of the auxiliary (reward and next-feature prediction) loss"""
     num_value_samples: int = 1
-    """K, the number of next actions a' averaged in the next-state value estimate"""
+    """K next actions a' ~ pi(s'): the next-state value v' and the soft reward's log-pi term
+    average over them, the aux target z' uses the first"""
 
     # --- actor, KL and entropy ----------------------------------------------------------
     actor_hidden: int = 512
@@ -313,7 +314,7 @@ class EnvState(NamedTuple):
     step_count: jax.Array  # (N,) steps since the episode started (or the random start)
     episode_return: jax.Array  # (N,) undiscounted return of the running episode
     episode_length: jax.Array  # (N,) length of the running episode
-    from_reset: jax.Array  # (N,) bool: the running episode started from a real reset
+    from_reset: jax.Array  # (N,) bool: the running episode started at step 0 (a complete one)
     reset_pool: Any  # a fresh Playground State per env, waiting for its next reset (see step)
     pool_fresh: jax.Array  # (N,) bool: the env's pool slot is still unused
 
@@ -326,7 +327,7 @@ class StepResult(NamedTuple):
     reward: jax.Array
     terminated: jax.Array  # a real terminal state: no bootstrap
     truncated: jax.Array  # time limit: bootstrap from final_obs
-    episode_done: jax.Array  # a complete episode (started from a reset) ended here
+    episode_done: jax.Array  # a complete episode (started at step 0) ended here
     episode_return: jax.Array  # its return (valid where episode_done)
     episode_length: jax.Array  # its length (valid where episode_done)
 
@@ -358,7 +359,8 @@ class AutoResetEnv:
         zeros = jnp.zeros(self.num_envs)
         # IMPLEMENTATION DETAIL 10: an episode whose counter starts late is cut short; it is
         # not a complete episode, so its return is not logged in charts/episodic_return
-        # (from_reset stays False until the env's first real reset).
+        # (from_reset stays False until the env's first auto-reset: its first episode starts
+        # from a real reset of the physics, but with its step counter part-way through).
         from_reset = jnp.full(self.num_envs, not randomize_steps)
         # The reset pool starts empty (no slot fresh; `physics` only gives it its shape):
         # step fills it when first needed, so evaluation, which never auto-resets, pays
@@ -398,9 +400,8 @@ class AutoResetEnv:
             # step (CheetahRun's runs 200 physics steps to let the cheetah settle), and on a
             # GPU its cost is the latency of those 200 steps in sequence, whatever the number
             # of envs reset. With random step counters about N / episode_length envs finish
-            # on every step, so resetting just those inside the step meant a 200-step reset
-            # on nearly every step (on one H200 GPU, the paper setting on CheetahRun ran at
-            # 10.5k env-steps/s that way and at 228k with this pool).
+            # on every step, so resetting just those inside the step would run a 200-step
+            # reset on nearly every step (docs/reppo.md, implementation detail 11).
             # Resetting all N on every step would cost 200 * N physics steps per step (~7.8 s
             # for 1024 cheetahs on a 2-core CPU). An env hits its time limit once per
             # episode_length steps, so the pool is remade about that often (every ~31
@@ -483,7 +484,8 @@ NORMALIZER_EPS = 1e-2
 def hl_gauss(values: jax.Array, num_bins: int, vmin: float, vmax: float) -> jax.Array:
     """HL-Gauss categorical target of a scalar (SPEC section 4; Imani & White 2018).
 
-    The target is a Gaussian N(x, sigma^2), sigma = 0.75 * bin width, integrated over
+    The target is a Gaussian N(x, sigma^2) around x = the value clipped to [vmin, vmax],
+    sigma = 0.75 * bin width, integrated over
     each bin of the support:  p_i = Phi((e_{i+1} - x)/sigma) - Phi((e_i - x)/sigma),
     with bin edges e = linspace(vmin - w/2, vmax + w/2, num_bins + 1), then renormalised.
     ``values`` of any shape -> probabilities of shape ``values.shape + (num_bins,)``.
@@ -818,7 +820,7 @@ class TrainState(NamedTuple):
     log_alpha: jax.Array  # entropy temperature, log-space
     log_beta: jax.Array  # KL multiplier, log-space
     critic: nnx.State  # critic parameters
-    actor_opt: optax.OptState  # Adam state of (actor, log_alpha, log_beta)
+    actor_opt: optax.OptState  # clip + Adam state of (actor, log_alpha, log_beta): one global norm for all three
     critic_opt: optax.OptState  # Adam state of the critic
     normalizer: NormalizerState
     env: EnvState
@@ -1018,7 +1020,7 @@ def make_agent(args: Args, env) -> Agent:
 
         # A fresh permutation of the B samples for every epoch, split into num_mini_batches
         # minibatches of indices; one flat scan over all epochs x minibatches gathers each
-        # minibatch when it is used (a nested scan over epochs ran ~2x slower on a CPU).
+        # minibatch when it is used.
         key_epochs, key_updates = jax.random.split(key_learn)
         orders = jax.vmap(lambda k: jax.random.permutation(k, batch_size))(
             jax.random.split(key_epochs, args.num_epochs)
@@ -1409,7 +1411,7 @@ def write_args(args: Args, run_dir: str, argv: list[str]) -> None:
 def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
     """--resume and --eval-only take the checkpoint's own arguments (so that networks, env
     and sizes match it), but for --total-timesteps (which a resumed run extends) and
-    --num-eval-envs, taken from the command line when given."""
+    --num-eval-envs, taken from the command line when given, and --progress, always."""
     path = args.resume or args.checkpoint
     saved_args = read_checkpoint_meta(path)["args"]
     unknown = sorted(set(saved_args) - {field.name for field in dataclasses.fields(Args)})
@@ -1470,8 +1472,9 @@ def train(args: Args, argv: list[str]) -> str:
         run_name = os.path.basename(run_dir)
 
     if jax.default_backend() == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
-        # Measured with benchmarks/speed.py on a 2-core CPU (AMD EPYC): the paper setting on
-        # CheetahRun (1024 envs x 32 steps, hidden 512) ran at 1,461-1,515 env-steps/s.
+        # Measured with benchmarks/speed.py on 2-core VMs: the paper setting on CheetahRun
+        # (1024 envs x 32 steps, hidden 512) ran at 876-1,653 env-steps/s, depending on the VM
+        # and the sitting (docs/results.md); ~1,500 gives the order of magnitude.
         steps = (args.total_timesteps - start_step) * args.num_seeds  # still to run, all seeds together
         print(
             f"No accelerator found (JAX backend: cpu). The paper setting on CheetahRun (1024 envs, "

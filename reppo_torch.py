@@ -16,8 +16,8 @@ The algorithm at a glance (one call of ``Trainer.train_iteration``)::
         soft_reward_t = r_t - (1 - terminated_t) * gamma * alpha * log pi(a'_t | s'_t)
     update the observation normaliser with the rollout              # normalizer_update
     G = soft_lambda_returns(soft_reward, v', terminated, truncated) # soft TD(lambda)
-    pi_old <- pi
-    for epoch in 1..E, for minibatch in a fresh permutation:        # learn
+    pi_old <- pi   (its mean and std on the batch, fixed from here on)
+    for epoch in 1..E, for minibatch in a fresh permutation:        # update_minibatch
         critic step on critic_loss(...)   (HL-Gauss cross-entropy to G + auxiliary loss)
         actor step  on actor_loss(...)    (pathwise, KL-clipped; alpha and beta losses)
 
@@ -157,7 +157,8 @@ class Args:
     aux_coef: float = 1.0
     """weight of the auxiliary (reward and next-feature prediction) loss"""
     num_value_samples: int = 1
-    """K, the number of next actions a' averaged in the next-state value estimate"""
+    """K next actions a' ~ pi(s'): the next-state value v' and the soft reward's log-pi term
+    average over them, the aux target z' uses the first"""
 
     # --- actor, KL and entropy ----------------------------------------------------------
     actor_hidden: int = 512
@@ -341,7 +342,7 @@ class StepResult(NamedTuple):
     reward: torch.Tensor
     terminated: torch.Tensor  # float 0/1: a real terminal state, no bootstrap
     truncated: torch.Tensor  # float 0/1: time limit (ManiSkill: by default any end, see ManiSkillEnv); bootstrap
-    episode_done: torch.Tensor  # bool: a complete episode (started from a reset) ended here
+    episode_done: torch.Tensor  # bool: a complete episode (started at step 0) ended here
     episode_return: torch.Tensor  # its return (valid where episode_done)
     episode_length: torch.Tensor  # its length (valid where episode_done)
     success_once: torch.Tensor  # ManiSkill: success at any step of that episode (else zeros)
@@ -435,7 +436,8 @@ def make_jax_auto_reset(env, num_envs: int, episode_length: int, auto_reset: boo
         zeros = jnp.zeros(num_envs, jnp.float32)  # dtypes explicit: torch gets float32 even under JAX_ENABLE_X64
         # IMPLEMENTATION DETAIL 10: an episode whose counter starts late is cut short; it is
         # not a complete episode, so its return is not logged in charts/episodic_return
-        # (from_reset stays False until the env's first real reset).
+        # (from_reset stays False until the env's first auto-reset: its first episode starts
+        # from a real reset of the physics, but with its step counter part-way through).
         from_reset = jnp.full(num_envs, not randomize_steps)
         # The reset pool starts empty (no slot fresh; `physics` only gives it its shape):
         # step fills it when first needed, so evaluation, which never auto-resets, pays
@@ -940,7 +942,8 @@ NORMALIZER_EPS = 1e-2
 def hl_gauss(values: torch.Tensor, num_bins: int, vmin: float, vmax: float) -> torch.Tensor:
     """HL-Gauss categorical target of a scalar (SPEC section 4; Imani & White 2018).
 
-    The target is a Gaussian N(x, sigma^2), sigma = 0.75 * bin width, integrated over
+    The target is a Gaussian N(x, sigma^2) around x = the value clipped to [vmin, vmax],
+    sigma = 0.75 * bin width, integrated over
     each bin of the support:  p_i = Phi((e_{i+1} - x)/sigma) - Phi((e_i - x)/sigma),
     with bin edges e = linspace(vmin - w/2, vmax + w/2, num_bins + 1), then renormalised.
     ``values`` of any shape -> probabilities of shape ``values.shape + (num_bins,)``.
@@ -2107,7 +2110,8 @@ def describe_device(args: Args, trainer: Trainer, device: torch.device) -> str:
 def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
     """--resume and --eval-only take the checkpoint's own arguments (so that networks, env
     and sizes match it), but for --total-timesteps (which a resumed run extends) and
-    --num-eval-envs, taken from the command line when given (the same rule as reppo_jax.py). The
+    --num-eval-envs, taken from the command line when given, and --progress, always (the same
+    rule as reppo_jax.py). The
     device and the speed switches, which never change the math, may be given anew too; without
     CUDA, a checkpoint's --device cuda and --cuda-graphs fall back to the defaults (a run saved
     on a GPU with --cuda-graphs can go on, or be evaluated, on a CPU)."""
@@ -2202,8 +2206,9 @@ def train(args: Args, argv: list[str]) -> str:
             )
     device = torch_device(args)
     if device.type == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
-        # Measured with benchmarks/speed.py on a 2-core CPU (AMD EPYC): the paper setting on
-        # CheetahRun (1024 envs x 32 steps, hidden 512) ran at ~1,260 env-steps/s.
+        # Measured with benchmarks/speed.py on 2-core VMs: the paper setting on CheetahRun
+        # (1024 envs x 32 steps, hidden 512) ran at 774-1,578 env-steps/s (eager), depending on
+        # the VM and the sitting (docs/results.md); ~1,260 gives the order of magnitude.
         steps = args.total_timesteps - start_step  # still to run (--num-seeds: this seed's)
         print(
             f"No CUDA device: training on the CPU. The paper setting on CheetahRun (1024 envs, hidden 512) "
