@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import tyro
+from conftest import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLEMENTATIONS = ["reppo_jax.py", "reppo_torch.py"]
@@ -30,7 +31,9 @@ sync_links = load_sync_links()
 
 
 def existing_implementations() -> list[str]:
-    return [name for name in IMPLEMENTATIONS if os.path.isfile(os.path.join(ROOT, name))]
+    missing = [name for name in IMPLEMENTATIONS if not os.path.isfile(os.path.join(ROOT, name))]
+    assert not missing, f"missing implementation files: {missing}"
+    return IMPLEMENTATIONS
 
 
 def read(relative_path: str) -> str:
@@ -131,8 +134,6 @@ def test_detail_list_is_numbered_one_to_n():
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_every_tag_is_documented_and_every_documented_detail_is_tagged(name):
-    if not os.path.isfile(os.path.join(ROOT, name)):
-        pytest.skip(f"{name} does not exist yet")
     tagged = set(sync_links.tags_in(os.path.join(ROOT, name)))
     documented = set(documented_details())
     assert tagged - documented == set(), f"tags in {name} missing from docs/reppo.md"
@@ -140,10 +141,7 @@ def test_every_tag_is_documented_and_every_documented_detail_is_tagged(name):
 
 
 def test_both_files_use_the_same_detail_numbers():
-    present = existing_implementations()
-    if len(present) < 2:
-        pytest.skip("only one implementation exists")
-    numbers = {name: set(sync_links.tags_in(os.path.join(ROOT, name))) for name in present}
+    numbers = {name: set(sync_links.tags_in(os.path.join(ROOT, name))) for name in existing_implementations()}
     assert numbers["reppo_jax.py"] == numbers["reppo_torch.py"]
 
 
@@ -194,15 +192,13 @@ def test_docs_show_commands():
 
 @pytest.mark.parametrize("where,file,argv", COMMANDS, ids=[where for where, _, _ in COMMANDS])
 def test_shown_command_parses(where, file, argv, capsys):
-    if not os.path.isfile(os.path.join(ROOT, file)):
-        pytest.skip(f"{file} does not exist yet")
+    assert os.path.isfile(os.path.join(ROOT, file)), f"{where} runs {file}, which does not exist"
     benchmarks = os.path.join(ROOT, "benchmarks")
     if file.startswith("benchmarks/") and benchmarks not in sys.path:
         sys.path.insert(0, benchmarks)  # the scripts import each other
-    try:
-        module = importlib.import_module(os.path.basename(file).removesuffix(".py"))
-    except ImportError as error:  # e.g. torch not installed
-        pytest.skip(f"cannot import {file}: {error}")
+    name = os.path.basename(file).removesuffix(".py")
+    require(name, "-r requirements-torch.txt")  # e.g. torch not installed: a skip, but a failure in CI
+    module = importlib.import_module(name)
     try:
         # tyro parsing only: nothing is built or run
         if hasattr(module, "parse_args"):  # reppo_*.py

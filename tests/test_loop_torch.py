@@ -9,6 +9,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pytest
 import torch
 from test_compile_torch import make_minibatch, make_trainer
 
@@ -194,11 +195,12 @@ def test_bootstrap_matches_a_float64_reference():
 
 
 def test_the_optimisers_and_the_entropy_target_are_spec_9s(monkeypatch):
-    """SPEC section 9: Adam (lr 3e-4, optax's betas and eps, no weight decay) for each network;
-    the actor's optimiser also holds log_alpha and log_beta; each step clips the gradient of
-    everything it updates jointly, by global norm, to max_grad_norm; the entropy target is
+    """SPEC section 9: Adam (lr --learning-rate, 3e-4 by default; optax's betas and eps, no
+    weight decay) for each network; the actor's optimiser also holds log_alpha and log_beta;
+    each step clips the gradient of everything it updates jointly, by global norm, to
+    max_grad_norm, before the optimiser's step; the entropy target is
     -ent_target_mult * action_size; alpha and beta start at ent_start and kl_start."""
-    trainer = make_trainer(learning_rate=2e-4, max_grad_norm=0.7, ent_target_mult=0.25, ent_start=0.02, kl_start=0.05)
+    trainer = make_trainer(learning_rate=2e-4, max_grad_norm=0.1, ent_target_mult=0.25, ent_start=0.02, kl_start=0.05)
     torch.testing.assert_close(
         torch.exp(torch.stack([trainer.log_alpha, trainer.log_beta])), torch.tensor([0.02, 0.05])
     )
@@ -209,12 +211,24 @@ def test_the_optimisers_and_the_entropy_target_are_spec_9s(monkeypatch):
         assert [id(p) for p in group["params"]] == [id(p) for p in params]
         assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (2e-4, (0.9, 0.999), 1e-8, 0)
         assert not group["amsgrad"] and not group["maximize"]
-    clips, targets = [], []
+    clips, targets, stepped_norms = [], [], []
     real_clip, real_actor_loss = rt.clip_grad_norm, rt.actor_loss
 
+    def global_norm(tensors):
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])))
+
     def recording_clip(grads, max_norm):
-        clips.append((len(grads), max_norm))
+        clips.append((len(grads), max_norm, global_norm(grads)))
         return real_clip(grads, max_norm)
+
+    for optimizer in (trainer.critic_opt, trainer.actor_opt):  # the gradients each step applies
+        real_step = optimizer.step
+
+        def recording_step(real_step=real_step, optimizer=optimizer):
+            stepped_norms.append(global_norm([p.grad for p in optimizer.param_groups[0]["params"]]))
+            return real_step()
+
+        monkeypatch.setattr(optimizer, "step", recording_step)
 
     def recording_actor_loss(*inputs):
         targets.append(inputs[10])  # entropy_target
@@ -223,7 +237,9 @@ def test_the_optimisers_and_the_entropy_target_are_spec_9s(monkeypatch):
     monkeypatch.setattr(rt, "clip_grad_norm", recording_clip)
     monkeypatch.setattr(rt, "actor_loss", recording_actor_loss)
     trainer.update_minibatch(make_minibatch(0))
-    assert clips == [(len(critic_params), 0.7), (len(actor_params), 0.7)]
+    assert [clip[:2] for clip in clips] == [(len(critic_params), 0.1), (len(actor_params), 0.1)]
+    assert all(raw > 0.1 for *_, raw in clips), clips  # both gradients did need clipping...
+    assert stepped_norms == pytest.approx([0.1, 0.1], rel=1e-5)  # ...and each step applied the clipped one
     assert targets == [-0.25 * trainer.action_size]
 
 
@@ -255,8 +271,10 @@ def test_evaluation_plays_the_deterministic_policy_with_the_frozen_normaliser():
         rt.normalizer_init(3), torch.randn(64, 3, generator=torch.Generator().manual_seed(1)) * 3 - 2
     )
     trainer.normalizer, trainer.eval_env = moved, ActionRewardEnv()
+    saved = [value.clone() for value in moved]
     returns = trainer.evaluate()["return"]
-    assert trainer.normalizer is moved  # evaluation leaves the statistics as they were
+    assert trainer.normalizer is moved  # evaluation leaves the statistics as they were,
+    assert all(torch.equal(value, before) for value, before in zip(moved, saved))  # in place too
     with torch.no_grad():
         obs = trainer.eval_env.reset(randomize_steps=False)
         mean, _ = trainer.actor(rt.normalize(moved, obs))

@@ -330,7 +330,7 @@ def test_bootstrap_agrees(nets):
     want = rj.bootstrap(jax_actor, jax_critic, jnp.float32(0.05), jax_norm, *map(jnp.asarray, inputs), 0.99, VMIN, VMAX)
     with torch.no_grad():
         got = rt.bootstrap(torch_actor, torch_critic, torch.tensor(0.05), torch_norm, *map(t, inputs), 0.99, VMIN, VMAX)
-    for torch_value, jax_value in zip(got, want):
+    for torch_value, jax_value in zip(got, want, strict=True):
         close(torch_value, jax_value, rtol=1e-5, atol=1e-5)
     soft_reward = np.asarray(want[0])
     assert np.array_equal(soft_reward == batch["reward"], batch["terminated"] == 1)  # the entropy term is there
