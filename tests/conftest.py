@@ -34,6 +34,7 @@ if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
 import csv  # noqa: E402
 import glob  # noqa: E402
 import importlib  # noqa: E402
+import io  # noqa: E402
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
@@ -123,6 +124,28 @@ def assert_same_rows(run_dir, other_run_dir):
         for column in a:
             if column not in ("charts/SPS",) and a[column] != "":
                 np.testing.assert_allclose(float(a[column]), float(b[column]), rtol=1e-5, atol=1e-6, err_msg=column)
+
+
+def assert_same_state(saved, other, path="state"):
+    """Two saved training states (nested dicts/lists of arrays or tensors and plain values, as a
+    checkpoint holds them) agree everywhere: float arrays to float32 tolerance, the rest exactly."""
+    if isinstance(saved, dict):
+        assert saved.keys() == other.keys(), path
+        for key in saved:
+            assert_same_state(saved[key], other[key], f"{path}[{key!r}]")
+    elif isinstance(saved, (list, tuple)):
+        assert len(saved) == len(other), path
+        for index, (a, b) in enumerate(zip(saved, other)):
+            assert_same_state(a, b, f"{path}[{index}]")
+    elif hasattr(saved, "shape"):  # a NumPy array or a torch tensor
+        a, b = np.asarray(saved), np.asarray(other)
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), path
+        if np.issubdtype(a.dtype, np.floating):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=path)
+    else:
+        assert saved == other, path
 
 
 def only_run(runs_dir):
@@ -260,3 +283,63 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: each file keeps its own order, the rest keep theirs
+
+
+def check_eval_only_evaluates_the_checkpoint(main, full_run, checkpoint_name, capsys) -> None:
+    """Evaluation episodes are drawn from the seed and the iteration, so --eval-only of the
+    final checkpoint plays the episodes of the run's last log point: the same return means the
+    checkpoint's own weights and normaliser were evaluated (the untrained policy's differs).
+    ``full_run``: 4 iterations of seed 3, 2 evaluation episodes."""
+    checkpoint = os.path.join(full_run, checkpoint_name)
+    rows = read_metrics(full_run)
+    untrained, final = (float(rows[i]["eval/episodic_return"]) for i in (0, -1))
+    assert f"{untrained:.2f}" != f"{final:.2f}"
+    assert main(["--eval-only", "--checkpoint", checkpoint]) == 0
+    out = capsys.readouterr().out
+    assert f"eval seed=3 step={4 * BATCH} episodic_return={final:.2f} +- " in out and "over 2 episodes" in out
+    assert main(["--eval-only", "--checkpoint", checkpoint, "--num-eval-envs", "3"]) == 0
+    assert "over 3 episodes" in capsys.readouterr().out
+
+
+def check_training_episodes_are_logged(main, runs_dir) -> None:
+    """charts/episodic_*: the mean over the complete episodes that ended since the last log
+    point (10-step episodes here; the first, shortened ones are not complete and not counted)."""
+    argv = [*TINY, "--episode-length", "10", "--total-timesteps", str(4 * BATCH), "--runs-dir", str(runs_dir)]
+    assert main(argv) == 0
+    rows = read_metrics(only_run(runs_dir))[1:]  # the rows after step 0
+    assert [float(r["charts/episodic_length"]) for r in rows] == [10.0, 10.0]
+    # CartpoleBalance pays at most 1 per step; above 1 is a sum over an episode, not a per-step mean.
+    assert all(1 < float(r["charts/episodic_return"]) <= 10 for r in rows)
+
+
+def check_track_logs_a_wandb_run_offline(main, runs_dir) -> None:
+    """--track: wandb.init with the run's config, a log per log point and finish() go through
+    (offline: written beside the run, to sync later; nothing is sent)."""
+    require("wandb", "wandb==0.31.0")
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(runs_dir)]
+    argv += ["--track", "--wandb-mode", "offline"]
+    assert main(argv) == 0
+    run_dir = only_run(runs_dir)
+    (record,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    assert os.path.getsize(record) > 0 and os.path.basename(run_dir) in record  # the run's name is its wandb id
+    assert [int(r["global_step"]) for r in read_metrics(run_dir)] == [0, 2 * BATCH]
+
+
+def check_track_that_cannot_start_says_what_to_do(main, tmp_path, monkeypatch, capsys) -> None:
+    """--track online with no wandb login, then without wandb installed: one clear message and
+    exit code 2 (no traceback), and the fresh run's folder is removed again."""
+    require("wandb", "wandb==0.31.0")
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ANONYMOUS", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc holding a key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO())  # no terminal: wandb raises instead of asking for a key
+    runs = tmp_path / "runs"
+    argv = [*TINY, "--total-timesteps", str(BATCH), "--runs-dir", str(runs), "--track"]
+    assert main([*argv, "--wandb-mode", "online"]) == 2
+    err = capsys.readouterr().err
+    assert "--track: wandb could not start the run (UsageError" in err and "`wandb login`" in err
+    assert "--wandb-mode offline" in err and "Traceback" not in err and os.listdir(runs) == []
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
+    assert main([*argv, "--wandb-mode", "offline"]) == 2
+    assert "--track needs wandb" in capsys.readouterr().err and os.listdir(runs) == []

@@ -1,12 +1,9 @@
 """The command line of reppo_jax.py: tiny real runs, checkpoints, resume and bad input."""
 
-import glob
-import io
 import json
 import os
 import shlex
 import signal
-import sys
 
 import jax
 import numpy as np
@@ -16,13 +13,17 @@ from conftest import (
     TINY,
     StubWandbRun,
     assert_same_rows,
+    assert_same_state,
+    check_eval_only_evaluates_the_checkpoint,
     check_saves_at_every_log_point,
     check_track_and_resume,
+    check_track_logs_a_wandb_run_offline,
+    check_track_that_cannot_start_says_what_to_do,
+    check_training_episodes_are_logged,
     ctrl_c_while_writing,
     interrupt_a_run,
     only_run,
     read_metrics,
-    require,
     run_script,
 )
 
@@ -82,19 +83,7 @@ def test_tiny_run_writes_args_metrics_and_checkpoint(full_run):
 
 
 def test_eval_only_evaluates_the_checkpoint(full_run, capsys):
-    # In-process from here on (the subprocess path is covered by full_run, --help and Ctrl-C).
-    # Evaluation episodes are drawn from the seed and the iteration, so --eval-only of the
-    # final checkpoint plays the episodes of the run's last log point: the same return means
-    # the checkpoint's own weights and normaliser were evaluated (the untrained policy's differs).
-    checkpoint = os.path.join(full_run, "checkpoint.npz")
-    rows = read_metrics(full_run)
-    untrained, final = (float(rows[i]["eval/episodic_return"]) for i in (0, -1))
-    assert f"{untrained:.2f}" != f"{final:.2f}"
-    assert rj.main(["--eval-only", "--checkpoint", checkpoint]) == 0
-    out = capsys.readouterr().out
-    assert f"eval seed=3 step={4 * BATCH} episodic_return={final:.2f} +- " in out and "over 2 episodes" in out
-    assert rj.main(["--eval-only", "--checkpoint", checkpoint, "--num-eval-envs", "3"]) == 0
-    assert "over 3 episodes" in capsys.readouterr().out
+    check_eval_only_evaluates_the_checkpoint(rj.main, full_run, "checkpoint.npz", capsys)
 
 
 def test_num_seeds_trains_the_seeds_side_by_side(full_run, tmp_path, capsys):
@@ -161,27 +150,11 @@ def test_a_second_ctrl_c_while_saving_stops_and_says_so(tmp_path, monkeypatch, c
 
 
 def test_training_episodes_are_logged_with_their_length_and_return(tmp_path):
-    """charts/episodic_*: the mean over the complete episodes that ended since the last log
-    point (10-step episodes here; the first, shortened ones are not complete and not counted)."""
-    argv = [*TINY, "--episode-length", "10", "--total-timesteps", str(4 * BATCH), "--runs-dir", str(tmp_path)]
-    assert rj.main(argv) == 0
-    rows = read_metrics(only_run(tmp_path))[1:]  # the rows after step 0
-    assert [float(r["charts/episodic_length"]) for r in rows] == [10.0, 10.0]
-    # CartpoleBalance pays at most 1 per step; above 1 is a sum over an episode, not a per-step mean.
-    assert all(1 < float(r["charts/episodic_return"]) <= 10 for r in rows)
+    check_training_episodes_are_logged(rj.main, tmp_path)
 
 
 def test_track_logs_a_wandb_run_offline(tmp_path):
-    """--track: wandb.init with the run's config, a log per log point and finish() go through
-    (offline: written beside the run, to sync later; nothing is sent)."""
-    require("wandb", "wandb==0.31.0")
-    argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(tmp_path)]
-    argv += ["--track", "--wandb-mode", "offline"]
-    assert rj.main(argv) == 0
-    run_dir = only_run(tmp_path)
-    (record,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
-    assert os.path.getsize(record) > 0 and os.path.basename(run_dir) in record  # the run's name is its wandb id
-    assert [int(r["global_step"]) for r in read_metrics(run_dir)] == [0, 2 * BATCH]
+    check_track_logs_a_wandb_run_offline(rj.main, tmp_path)
 
 
 def test_track_logs_every_row_and_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
@@ -189,23 +162,7 @@ def test_track_logs_every_row_and_a_resumed_run_continues_its_wandb_run(tmp_path
 
 
 def test_track_that_cannot_start_says_what_to_do(tmp_path, monkeypatch, capsys):
-    """--track online with no wandb login, then without wandb installed: one clear message and
-    exit code 2 (no traceback), and the fresh run's folder is removed again."""
-    require("wandb", "wandb==0.31.0")
-    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ANONYMOUS", "NETRC"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc holding a key
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
-    monkeypatch.setattr(sys, "stdin", io.StringIO())  # no terminal: wandb raises instead of asking for a key
-    runs = tmp_path / "runs"
-    argv = [*TINY, "--total-timesteps", str(BATCH), "--runs-dir", str(runs), "--track"]
-    assert rj.main([*argv, "--wandb-mode", "online"]) == 2
-    err = capsys.readouterr().err
-    assert "--track: wandb could not start the run (UsageError" in err and "`wandb login`" in err
-    assert "--wandb-mode offline" in err and "Traceback" not in err and os.listdir(runs) == []
-    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
-    assert rj.main([*argv, "--wandb-mode", "offline"]) == 2
-    assert "--track needs wandb" in capsys.readouterr().err and os.listdir(runs) == []
+    check_track_that_cannot_start_says_what_to_do(rj.main, tmp_path, monkeypatch, capsys)
 
 
 def test_resuming_a_finished_run_asks_for_more_steps(full_run, capsys):
@@ -254,6 +211,22 @@ def test_resume_equals_the_uninterrupted_run(full_run, tmp_path):
     assert record["resumed_by"] == ["python " + shlex.join(["reppo_jax.py", *resume])]
     assert read_metrics(full_run)[-1]["charts/episodic_return"] != ""  # the episodes' columns count too
     assert_same_rows(half, full_run)
+    # The final checkpoints too: every array of the state (networks, optimisers, alpha and beta,
+    # normaliser, env state, random key, iteration), and the step.
+    with (
+        np.load(os.path.join(half, "checkpoint.npz")) as resumed,
+        np.load(os.path.join(full_run, "checkpoint.npz")) as unbroken,
+    ):
+        assert resumed.files == unbroken.files and len(resumed.files) > 50
+        assert_same_state(
+            {k: resumed[k] for k in resumed.files if k != "meta"},
+            {k: unbroken[k] for k in unbroken.files if k != "meta"},
+        )
+        assert (
+            json.loads(str(resumed["meta"]))["global_step"]
+            == json.loads(str(unbroken["meta"]))["global_step"]
+            == 4 * BATCH
+        )
 
 
 @pytest.mark.parametrize(
