@@ -292,7 +292,7 @@ def make_env(env_id: str, impl: str, episode_length: int):
 
     Playground's DM Control tasks default to ``impl="warp"`` (MuJoCo Warp). We pick
     ``impl="jax"`` (MJX written in JAX) for 'auto' on every backend: it is faster than warp
-    on a CPU (1.7-3.5x through this wrapper on 2 cores; docs/reppo.md), it is the engine behind
+    on a CPU (1.7-4.2x through this wrapper on 2 cores; docs/reppo.md), it is the engine behind
     the paper's runs, and it composes with ``jax.vmap`` over seeds and with our own auto-reset
     wrapper. ``--impl warp`` works through the wrapper (tests/test_env_jax.py: the same steps as
     MJX on CartpoleBalance); on a GPU it may be faster for contact-rich tasks, which has not

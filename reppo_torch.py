@@ -399,7 +399,7 @@ def make_playground_env(env_id: str, impl: str, episode_length: int):
 
     Playground's DM Control tasks default to ``impl="warp"`` (MuJoCo Warp). We pick
     ``impl="jax"`` (MJX written in JAX) for 'auto', as reppo_jax.py does: it is faster than
-    warp on a CPU (1.7-3.5x through the wrapper on 2 cores; docs/reppo.md) and it is the engine
+    warp on a CPU (1.7-4.2x through the wrapper on 2 cores; docs/reppo.md) and it is the engine
     behind the paper's runs. ``--impl warp`` works
     through the bridge (tests/test_parity.py: the same steps as MJX on CartpoleBalance).
     """
