@@ -486,8 +486,8 @@ def hl_gauss(values: jax.Array, num_bins: int, vmin: float, vmax: float) -> jax.
     """HL-Gauss categorical target of a scalar (SPEC section 4; Imani & White 2018).
 
     The target is a Gaussian N(x, sigma^2) around x = the value clipped to [vmin, vmax],
-    sigma = 0.75 * bin width, integrated over
-    each bin of the support:  p_i = Phi((e_{i+1} - x)/sigma) - Phi((e_i - x)/sigma),
+    sigma = 0.75 * bin width, integrated over each bin of the support:
+    p_i = Phi((e_{i+1} - x)/sigma) - Phi((e_i - x)/sigma),
     with bin edges e = linspace(vmin - w/2, vmax + w/2, num_bins + 1), then renormalised.
     ``values`` of any shape -> probabilities of shape ``values.shape + (num_bins,)``.
     """

@@ -400,8 +400,8 @@ def make_playground_env(env_id: str, impl: str, episode_length: int):
     Playground's DM Control tasks default to ``impl="warp"`` (MuJoCo Warp). We pick
     ``impl="jax"`` (MJX written in JAX) for 'auto', as reppo_jax.py does: it is faster than
     warp on a CPU (1.7-4.2x through the wrapper on 2 cores; docs/reppo.md) and it is the engine
-    behind the paper's runs. ``--impl warp`` works
-    through the bridge (tests/test_parity.py: the same steps as MJX on CartpoleBalance).
+    behind the paper's runs. ``--impl warp`` works through the bridge (tests/test_parity.py:
+    the same steps as MJX on CartpoleBalance).
     """
     from mujoco_playground import registry
 
@@ -944,8 +944,8 @@ def hl_gauss(values: torch.Tensor, num_bins: int, vmin: float, vmax: float) -> t
     """HL-Gauss categorical target of a scalar (SPEC section 4; Imani & White 2018).
 
     The target is a Gaussian N(x, sigma^2) around x = the value clipped to [vmin, vmax],
-    sigma = 0.75 * bin width, integrated over
-    each bin of the support:  p_i = Phi((e_{i+1} - x)/sigma) - Phi((e_i - x)/sigma),
+    sigma = 0.75 * bin width, integrated over each bin of the support:
+    p_i = Phi((e_{i+1} - x)/sigma) - Phi((e_i - x)/sigma),
     with bin edges e = linspace(vmin - w/2, vmax + w/2, num_bins + 1), then renormalised.
     ``values`` of any shape -> probabilities of shape ``values.shape + (num_bins,)``.
     """
@@ -986,8 +986,8 @@ def sample_tanh_normal(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tenso
     u: in exact arithmetic the same number as ``tanh_normal_log_prob(a, ...)`` while
     |u| < atanh(1 - 1e-6) ~= 7.25, but in float32 atanh(tanh(u)) loses u as a nears +-1
     (in PyTorch's float32, log-probs apart by 2e-3 at u = 5 and 9e-3 at u = 6 for mean 0 and std
-    0.5; JAX's tanh and atanh round otherwise; beyond the clip the atanh
-    path is capped), while u is exact.
+    0.5; JAX's tanh and atanh round otherwise; beyond the clip the atanh path is capped), while
+    u is exact.
     """
     pre_tanh = mean + std * noise
     return torch.tanh(pre_tanh), tanh_normal_log_prob_from_pre_tanh(pre_tanh, mean, std)
@@ -1188,8 +1188,7 @@ def critic_loss(
     features must predict the reward and the next state's features (a self-predictive
     auxiliary task that shapes the representation). Shapes (B: the minibatch's size here, not
     N * T): obs (B, O), action (B, A), target_return / reward / terminated (B,), next_features
-    (B, hidden). The targets come
-    from the rollout (no gradient flows into them).
+    (B, hidden). The targets come from the rollout (no gradient flows into them).
     """
     logits, features = critic(obs, action)
     target_probs = hl_gauss(target_return, logits.shape[-1], vmin, vmax)
@@ -2112,10 +2111,9 @@ def args_from_checkpoint(args: Args, argv: list[str]) -> Args:
     """--resume and --eval-only take the checkpoint's own arguments (so that networks, env
     and sizes match it), but for --total-timesteps (which a resumed run extends) and
     --num-eval-envs, taken from the command line when given, and --progress, always (the same
-    rule as reppo_jax.py). The
-    device and the speed switches, which never change the math, may be given anew too; without
-    CUDA, a checkpoint's --device cuda and --cuda-graphs fall back to the defaults (a run saved
-    on a GPU with --cuda-graphs can go on, or be evaluated, on a CPU)."""
+    rule as reppo_jax.py). The device and the speed switches, which never change the math, may
+    be given anew too; without CUDA, a checkpoint's --device cuda and --cuda-graphs fall back to
+    the defaults (a run saved on a GPU with --cuda-graphs can go on, or be evaluated, on a CPU)."""
     path = args.resume or args.checkpoint
     saved_args = read_checkpoint(path)["args"]
     unknown = sorted(set(saved_args) - {field.name for field in dataclasses.fields(Args)})
