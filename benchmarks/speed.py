@@ -1,5 +1,7 @@
 """Speed and memory of reppo_jax.py (and reppo_torch.py): compile time, steady-state
 env-steps/s after compilation (evaluation excluded), peak RSS and, on a GPU, peak GPU memory.
+It also reports the untimed warm-up round's time, which for reppo_torch.py --compile holds
+torch.compile's compilation from an empty cache.
 
 Each measurement runs in a fresh subprocess so that its peak RSS is its own (that process's
 alone: the compile workers that torch.compile may start for --torch-compile are not counted):
@@ -22,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -67,14 +70,17 @@ def measure_jax(cli: list[str], iterations: int) -> dict:
     runner = rj.Runner(args)
     state = runner.init()
     runner.compile_chunk(state, iterations)
+    start = time.perf_counter()
     state, _ = runner.train_chunk(state, iterations)  # warm-up run of the same compiled chunk
     jax.block_until_ready(state)
+    warmup_seconds = time.perf_counter() - start
     start = time.perf_counter()
     state, metrics = runner.train_chunk(state, iterations)
     jax.block_until_ready((state, metrics))
     seconds = time.perf_counter() - start
     return {
         "compile_s": runner.compile_seconds,
+        "warmup_s": warmup_seconds,
         "sps": iterations * args.num_envs * args.num_steps / seconds,
         "seconds_per_iteration": seconds / iterations,
         "peak_rss_mib": rj.peak_rss_mb(),
@@ -110,13 +116,20 @@ def measure_torch(cli: list[str], iterations: int) -> dict:
     trainer = rt.Trainer(args, args.seed, rt.torch_device(args))
     setup_seconds = time.perf_counter() - start
     cuda = trainer.device.type == "cuda"
-    for _ in range(iterations):
+    start = time.perf_counter()
+    for _ in range(iterations):  # warm-up round: with --compile, torch.compile compiles here
         trainer.train_iteration()
     if cuda:
         torch.cuda.synchronize()  # CUDA kernels run asynchronously: time finished work only
+    warmup_seconds = time.perf_counter() - start
+    # Each iteration ends by copying its metrics to the host (a CUDA sync too), so the time of
+    # each one is known without adding a wait; they go into the JSON (iteration_s).
+    times = []
     start = time.perf_counter()
     for _ in range(iterations):
+        lap = time.perf_counter()
         trainer.train_iteration()
+        times.append(time.perf_counter() - lap)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -127,11 +140,13 @@ def measure_torch(cli: list[str], iterations: int) -> dict:
         gpu_mib = torch.cuda.max_memory_allocated() / 2**20 + (jax_mib or 0.0)
     return {
         "compile_s": setup_seconds,  # no compilation by default: env set-up (JAX-side env step for Playground)
+        "warmup_s": warmup_seconds,  # includes torch.compile's compilation, on a cold cache (see main)
         "sps": iterations * args.num_envs * args.num_steps / seconds,
         "seconds_per_iteration": seconds / iterations,
         "peak_rss_mib": rt.peak_rss_mb(),
         "peak_gpu_mib": gpu_mib,
         "backend": str(trainer.device),
+        "iteration_s": times,
     }
 
 
@@ -160,7 +175,12 @@ def main() -> None:
             flags += ["--compile"] * options.torch_compile + ["--fused-adam"] * options.torch_fused_adam
             flags += ["--cuda-graphs"] * options.torch_cuda_graphs
         child = [sys.executable, __file__, "--child", impl, str(iterations), *SETTINGS[setting], *flags]
-        done = subprocess.run(child, capture_output=True, text=True)
+        # Each child compiles from nothing: torch.compile keeps its compiled code in a cache
+        # folder that a second run would reuse, so an empty one per child makes the warm-up
+        # round's time that of a first run on the machine (the JAX file keeps no such cache).
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+            done = subprocess.run(child, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             sys.exit(f"{impl} {setting} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
         result = json.loads(done.stdout.split("RESULT ", 1)[1])
@@ -170,6 +190,7 @@ def main() -> None:
             f"{impl:5s} {setting:9s}{''.join(' ' + flag for flag in flags)}: {result['sps']:8,.0f} env-steps/s  "
             f"({result['seconds_per_iteration'] * 1000:,.0f} ms/iteration)  "
             f"{'compile' if impl == 'jax' else 'set-up'} {result['compile_s']:5.1f} s  "
+            f"warm-up {result['warmup_s']:5.1f} s  "
             f"peak RSS {result['peak_rss_mib']:6,.0f} MiB"
             + (f"  peak GPU {result['peak_gpu_mib']:6,.0f} MiB" if result["peak_gpu_mib"] is not None else ""),
             flush=True,

@@ -271,5 +271,7 @@ def test_speed_benchmark_measures_pickcube_on_the_cpu_simulator(tmp_path):
     # One timed iteration (1 env x 32 steps) inside a script that also set up and warmed up:
     # a time in the wrong unit (ms for s) or over the wrong span would fall outside.
     assert 0 < result["seconds_per_iteration"] < wall
+    # Set-up, warm-up and the timed round ran one after another inside the script.
+    assert 0 < result["compile_s"] + result["warmup_s"] + result["seconds_per_iteration"] < wall
     assert abs(result["sps"] * result["seconds_per_iteration"] - 32) < 1e-6  # the figure is per env step
     assert 100 < result["peak_rss_mib"] < 16_000  # MiB: KiB (ru_maxrss's unit) would read ~1000x higher
