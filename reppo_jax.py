@@ -1475,13 +1475,13 @@ def train(args: Args, argv: list[str]) -> str:
     if jax.default_backend() == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
         # Measured with benchmarks/speed.py on 2-core VMs: the paper setting on CheetahRun
         # (1024 envs x 32 steps, hidden 512) ran at 876-1,653 env-steps/s, depending on the VM
-        # and the sitting (docs/results.md); ~1,500 gives the order of magnitude.
+        # and the sitting (docs/results.md), so the estimate is that range.
         steps = (args.total_timesteps - start_step) * args.num_seeds  # still to run, all seeds together
         print(
             f"No accelerator found (JAX backend: cpu). The paper setting on CheetahRun (1024 envs, "
-            f"hidden 512) ran at ~1,500 env-steps/s on a 2-core CPU; at that speed this run's {steps:,} env "
-            f"steps would take about {steps / 1_500 / 3600:,.0f} hours, and this setting ({args.num_envs} envs, "
-            f"hidden {args.critic_hidden}) is no faster. For a CPU, try --preset cpu.",
+            f"hidden 512) ran at 876-1,653 env-steps/s on 2-core CPUs; at those speeds this run's {steps:,} env "
+            f"steps would take {steps / 1_653 / 3600:,.1f}-{steps / 876 / 3600:,.1f} hours, and this setting "
+            f"({args.num_envs} envs, hidden {args.critic_hidden}) is no faster. For a CPU, try --preset cpu.",
             file=sys.stderr,
         )
 

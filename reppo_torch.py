@@ -2207,13 +2207,13 @@ def train(args: Args, argv: list[str]) -> str:
     if device.type == "cpu" and args.num_envs * args.critic_hidden >= 1024 * 512:
         # Measured with benchmarks/speed.py on 2-core VMs: the paper setting on CheetahRun
         # (1024 envs x 32 steps, hidden 512) ran at 774-1,578 env-steps/s (eager), depending on
-        # the VM and the sitting (docs/results.md); ~1,260 gives the order of magnitude.
+        # the VM and the sitting (docs/results.md), so the estimate is that range.
         steps = args.total_timesteps - start_step  # still to run (--num-seeds: this seed's)
         print(
             f"No CUDA device: training on the CPU. The paper setting on CheetahRun (1024 envs, hidden 512) "
-            f"ran at ~1,260 env-steps/s on a 2-core CPU; at that speed this run's {steps:,} env steps would "
-            f"take about {steps / 1_260 / 3600:,.0f} hours, and this setting ({args.num_envs} envs, hidden "
-            f"{args.critic_hidden}) is no faster. For a CPU, try --preset cpu.",
+            f"ran at 774-1,578 env-steps/s on 2-core CPUs; at those speeds this run's {steps:,} env steps would "
+            f"take {steps / 1_578 / 3600:,.1f}-{steps / 774 / 3600:,.1f} hours, and this setting "
+            f"({args.num_envs} envs, hidden {args.critic_hidden}) is no faster. For a CPU, try --preset cpu.",
             file=sys.stderr,
         )
     trainer = Trainer(args, args.seed, device)
