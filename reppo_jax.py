@@ -50,6 +50,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -1577,12 +1578,13 @@ def train(args: Args, argv: list[str]) -> str:
 
 
 _previous_sigint_handler: Any = None
+_previous_unraisablehook: Any = None
 
 
 def install_interrupt_handler() -> dict[str, bool]:
     """SIGINT sets a flag the training loop reads between chunks; a second SIGINT raises
     KeyboardInterrupt at once."""
-    global _previous_sigint_handler
+    global _previous_sigint_handler, _previous_unraisablehook
     state = {"flag": False, "clean": False}
 
     def handler(signum, frame):
@@ -1595,10 +1597,25 @@ def install_interrupt_handler() -> dict[str, bool]:
             file=sys.stderr,
         )
 
+    def unraisable(info):
+        # Python runs the handler wherever the main thread happens to be. Where an exception
+        # cannot be passed on (a garbage-collector callback, such as JAX's, or a __del__),
+        # Python prints it and drops it, and a second Ctrl-C landing there would be lost:
+        # send SIGINT again, from another thread once this hook has returned (raised in the
+        # hook, it would be dropped too), to be raised in ordinary code.
+        if issubclass(info.exc_type, KeyboardInterrupt):
+            again = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+            again.daemon = True
+            again.start()
+        else:
+            _previous_unraisablehook(info)
+
     try:
         _previous_sigint_handler = signal.signal(signal.SIGINT, handler)
     except ValueError:  # not the main thread (e.g. some test runners): plain KeyboardInterrupt
         _previous_sigint_handler = None
+        return state
+    _previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, unraisable
     return state
 
 
@@ -1612,6 +1629,7 @@ def stop_if_interrupted(state: dict[str, bool]) -> None:
 def restore_interrupt_handler() -> None:
     if _previous_sigint_handler is not None:
         signal.signal(signal.SIGINT, _previous_sigint_handler)
+        sys.unraisablehook = _previous_unraisablehook
 
 
 def _eval_row(args: Args, seed_index: int, returns: np.ndarray) -> dict[str, float]:

@@ -343,3 +343,41 @@ def check_track_that_cannot_start_says_what_to_do(main, tmp_path, monkeypatch, c
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
     assert main([*argv, "--wandb-mode", "offline"]) == 2
     assert "--track needs wandb" in capsys.readouterr().err and os.listdir(runs) == []
+
+
+def check_a_second_ctrl_c_in_a_gc_callback_is_not_lost(module, capsys) -> None:
+    """A second Ctrl-C whose handler runs inside a garbage-collector callback (as one did inside
+    JAX's, in session 22's CI) raises KeyboardInterrupt there, which Python would print as
+    "Exception ignored" and drop. The run's handler signals it again: it reaches ordinary code,
+    and nothing is printed. Both hooks are put back afterwards."""
+    import gc
+    import signal
+    import time
+
+    hook = sys.unraisablehook
+    state = module.install_interrupt_handler()
+    fired = []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)  # the handler runs here and raises
+
+    try:
+        state["flag"] = True  # the first Ctrl-C has come
+        gc.callbacks.append(callback)
+        raised = False
+        start = time.perf_counter()
+        try:
+            gc.collect()
+            time.sleep(5)  # ordinary code, where the interrupt is raised again (cut short by it)
+        except KeyboardInterrupt:
+            raised = True
+    finally:
+        if callback in gc.callbacks:
+            gc.callbacks.remove(callback)
+        module.restore_interrupt_handler()
+    assert fired and raised, "the second Ctrl-C was lost inside the gc callback"
+    assert time.perf_counter() - start < 4, "the interrupt came only after the sleep"
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert sys.unraisablehook is hook and signal.getsignal(signal.SIGINT) is signal.default_int_handler

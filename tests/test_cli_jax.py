@@ -14,6 +14,7 @@ from conftest import (
     StubWandbRun,
     assert_same_rows,
     assert_same_state,
+    check_a_second_ctrl_c_in_a_gc_callback_is_not_lost,
     check_eval_only_evaluates_the_checkpoint,
     check_saves_at_every_log_point,
     check_track_and_resume,
@@ -390,3 +391,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     run_cli("--resume", os.path.join(run_dir, "checkpoint.npz"), "--total-timesteps", str(step + 2 * BATCH))
     steps = [int(r["global_step"]) for r in read_metrics(run_dir)]
     assert steps == sorted(set(steps)) and steps[-1] == step + 2 * BATCH
+
+
+def test_a_second_ctrl_c_inside_a_gc_callback_still_stops_the_run(capsys):
+    check_a_second_ctrl_c_in_a_gc_callback_is_not_lost(rj, capsys)
