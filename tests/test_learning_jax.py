@@ -11,7 +11,10 @@ thread (tests/conftest.py), which changes the floating-point sums and so the cur
 that way, 538 at 348k, 441 at 368k and 438 at 389k env steps (310 untrained), 5.4 minutes.
 Session 12, seeds 1-8 with one thread each on an Intel Xeon VM (as the suite runs them): first
 evaluation above 400 at 307k, 348k, 307k, 164k, 328k, 123k, 246k and 266k env steps, all 8
-within this budget (3 min per run); the PyTorch file's 8 seeds: docs/results.md.
+within 409,600 steps (3 min per run); the PyTorch file's 8 seeds: docs/results.md. Session 22's
+CI, on an AMD EPYC (Zen 4) VM, failed at that budget: seed 1 there, the same way, first passed
+400 at 450,560 steps (472; then 486 and 412) and seed 2 at 409,600 (406), so the budget is now
+491,520. The two broken learners, run there to 491,520 steps, never passed 245 (docs/results.md).
 """
 
 from conftest import cartpole_learning_run
@@ -20,7 +23,7 @@ THRESHOLD = 400.0
 
 
 def test_cartpole_balance_learns_with_the_cpu_setting(tmp_path):
-    rows, untrained, trained = cartpole_learning_run("reppo_jax.py", 409600, tmp_path)
-    assert int(rows[0]["global_step"]) == 0 and int(rows[-1]["global_step"]) == 409600
+    rows, untrained, trained = cartpole_learning_run("reppo_jax.py", 491520, tmp_path)
+    assert int(rows[0]["global_step"]) == 0 and int(rows[-1]["global_step"]) == 491520
     assert untrained < THRESHOLD, f"the untrained policy already scores {untrained}"
-    assert max(trained) > THRESHOLD, f"best evaluation return {max(trained)} after 409,600 steps: {trained}"
+    assert max(trained) > THRESHOLD, f"best evaluation return {max(trained)} after 491,520 steps: {trained}"
