@@ -354,7 +354,7 @@ def check_a_second_ctrl_c_in_a_gc_callback_is_not_lost(module, capsys) -> None:
     import signal
     import time
 
-    hook = sys.unraisablehook
+    hook, sigint = sys.unraisablehook, signal.getsignal(signal.SIGINT)
     state = module.install_interrupt_handler()
     fired = []
 
@@ -380,4 +380,4 @@ def check_a_second_ctrl_c_in_a_gc_callback_is_not_lost(module, capsys) -> None:
     assert fired and raised, "the second Ctrl-C was lost inside the gc callback"
     assert time.perf_counter() - start < 4, "the interrupt came only after the sleep"
     assert "Exception ignored" not in capsys.readouterr().err
-    assert sys.unraisablehook is hook and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert sys.unraisablehook is hook and signal.getsignal(signal.SIGINT) is sigint
