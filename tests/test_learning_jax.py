@@ -1,8 +1,9 @@
 """reppo_jax.py learns: CartpoleBalance with the CPU setting beats an untrained policy.
 
 Measured on 2 CPU cores (seed 1, --preset cpu): the untrained deterministic policy scores ~310
-(seeds 11 and 12: ~152); evaluation returns then climb, noisily, past 400 within 400k env
-steps (seed 1: 481 at 368k; seed 11: 477 at 225k; seed 12: 445 at 287k). The authors' JAX code at
+(seeds 11 and 12: ~152); evaluation returns then climb, noisily, past 400, on the earlier VMs
+within 400k env steps (seed 1: 481 at 368k; seed 11: 477 at 225k; seed 12: 445 at 287k), on
+session 22's a little later (below). The authors' JAX code at
 the same setting, run on this machine, gave 344, 666 and 548 at 491,520 steps (docs/results.md).
 Broken learners do not get there (session 13, seed 1, one thread, Intel, the same run): with
 --learning-rate 0 the best evaluation after step 0 was 245, with the sign of Q flipped in
