@@ -9,6 +9,11 @@ alone: the compile workers that torch.compile may start for --torch-compile are 
     python benchmarks/speed.py                        # both settings, reppo_jax.py
     python benchmarks/speed.py --settings cpu --iterations 20
     python benchmarks/speed.py --settings maniskill --implementations torch
+    python benchmarks/speed.py --settings cpu --implementations jax torch --paired --iterations 60
+
+--paired times the two files in lockstep instead: both stay alive in their own processes and
+run one timed iteration each in turn, so that a VM whose speed changes while it is measured
+slows both alike; it reports the ratio of their times round by round.
 
 Settings: 'paper' = SPEC defaults on CheetahRun (1024 envs x 32 steps, 16 minibatches,
 8 epochs, hidden 512); 'cpu' = --preset cpu on CartpoleBalance (64 x 32, 4 minibatches,
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -55,12 +61,17 @@ class Options:
     """measure reppo_torch.py with --fused-adam (Adam's fused kernel, CPU or CUDA)"""
     torch_cuda_graphs: bool = False
     """measure reppo_torch.py with --cuda-graphs (CUDA only)"""
+    paired: bool = False
+    """time the two files in lockstep (needs --implementations jax torch): one iteration of each in
+    turn, `iterations` rounds, each file in a process kept alive; reports torch/jax per round"""
+    extra: str = ""
+    """flags added to both files' command lines, as one string (e.g. '--num-envs 16')"""
 
 
-def measure_jax(cli: list[str], iterations: int) -> dict:
-    """Runs inside the child process: compile, warm up, then time `iterations` iterations."""
-    import time
-
+def jax_session(cli: list[str], chunk: int):
+    """reppo_jax.py, built and its chunk of `chunk` iterations compiled ahead of time.
+    Returns (run, facts, peak RSS, peak GPU memory): run() trains one chunk and waits for it;
+    facts holds the compile time and the env steps of one iteration."""
     import jax
 
     sys.path.insert(0, ROOT)
@@ -69,23 +80,76 @@ def measure_jax(cli: list[str], iterations: int) -> dict:
     args = rj.resolve_args(rj.parse_args(cli))
     runner = rj.Runner(args)
     state = runner.init()
-    runner.compile_chunk(state, iterations)
+    runner.compile_chunk(state, chunk)
+
+    def run() -> None:
+        nonlocal state
+        state, metrics = runner.train_chunk(state, chunk)
+        jax.block_until_ready((state, metrics))
+
+    facts = {
+        "compile_s": runner.compile_seconds,
+        "steps_per_iteration": args.num_envs * args.num_steps,
+        "backend": jax.default_backend(),
+    }
+    return run, facts, rj.peak_rss_mb, jax_peak_gpu_mib
+
+
+def torch_session(cli: list[str]):
+    """reppo_torch.py's Trainer, built. Returns (run, facts, peak RSS, peak GPU memory):
+    run() trains one iteration and, on a GPU, waits for it (CUDA kernels run
+    asynchronously: only finished work is timed)."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, ROOT)
+    import reppo_torch as rt
+
+    args = rt.resolve_args(rt.parse_args(cli))
     start = time.perf_counter()
-    state, _ = runner.train_chunk(state, iterations)  # warm-up run of the same compiled chunk
-    jax.block_until_ready(state)
+    trainer = rt.Trainer(args, args.seed, rt.torch_device(args))
+    setup_seconds = time.perf_counter() - start
+    cuda = trainer.device.type == "cuda"
+
+    def run() -> None:
+        trainer.train_iteration()
+        if cuda:
+            torch.cuda.synchronize()
+
+    def peak_gpu_mib() -> float | None:
+        # On a GPU: PyTorch's peak plus, for Playground tasks, the peak of the JAX simulator.
+        if not cuda:
+            return None
+        jax_mib = jax_peak_gpu_mib() if trainer.env.suite == "dm_control" else None
+        return torch.cuda.max_memory_allocated() / 2**20 + (jax_mib or 0.0)
+
+    facts = {
+        "compile_s": setup_seconds,  # no compilation by default: env set-up (JAX-side env step for Playground)
+        "steps_per_iteration": args.num_envs * args.num_steps,
+        "backend": str(trainer.device),
+    }
+    return run, facts, rt.peak_rss_mb, peak_gpu_mib
+
+
+def measure_jax(cli: list[str], iterations: int) -> dict:
+    """Runs inside the child process: compile, warm up, then time `iterations` iterations."""
+    import time
+
+    run, facts, peak_rss, peak_gpu = jax_session(cli, iterations)
+    start = time.perf_counter()
+    run()  # warm-up run of the same compiled chunk
     warmup_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    state, metrics = runner.train_chunk(state, iterations)
-    jax.block_until_ready((state, metrics))
+    run()
     seconds = time.perf_counter() - start
     return {
-        "compile_s": runner.compile_seconds,
+        **facts,
         "warmup_s": warmup_seconds,
-        "sps": iterations * args.num_envs * args.num_steps / seconds,
+        "sps": iterations * facts["steps_per_iteration"] / seconds,
         "seconds_per_iteration": seconds / iterations,
-        "peak_rss_mib": rj.peak_rss_mb(),
-        "peak_gpu_mib": jax_peak_gpu_mib(),
-        "backend": jax.default_backend(),
+        "peak_rss_mib": peak_rss(),
+        "peak_gpu_mib": peak_gpu(),
     }
 
 
@@ -106,48 +170,142 @@ def measure_torch(cli: list[str], iterations: int) -> dict:
     `iterations` iterations, then a timed round (evaluation excluded in both files)."""
     import time
 
-    import torch
-
-    sys.path.insert(0, ROOT)
-    import reppo_torch as rt
-
-    args = rt.resolve_args(rt.parse_args(cli))
-    start = time.perf_counter()
-    trainer = rt.Trainer(args, args.seed, rt.torch_device(args))
-    setup_seconds = time.perf_counter() - start
-    cuda = trainer.device.type == "cuda"
+    run, facts, peak_rss, peak_gpu = torch_session(cli)
     start = time.perf_counter()
     for _ in range(iterations):  # warm-up round: with --compile, torch.compile compiles here
-        trainer.train_iteration()
-    if cuda:
-        torch.cuda.synchronize()  # CUDA kernels run asynchronously: time finished work only
+        run()
     warmup_seconds = time.perf_counter() - start
     # Each iteration ends by copying its metrics to the host (a CUDA sync too), so the time of
-    # each one is known without adding a wait; they go into the JSON (iteration_s).
+    # each one is known; they go into the JSON (iteration_s).
     times = []
-    start = time.perf_counter()
     for _ in range(iterations):
         lap = time.perf_counter()
-        trainer.train_iteration()
+        run()
         times.append(time.perf_counter() - lap)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    # On a GPU: PyTorch's peak plus, for Playground tasks, the peak of the JAX simulator.
-    gpu_mib = None
-    if cuda:
-        jax_mib = jax_peak_gpu_mib() if trainer.env.suite == "dm_control" else None
-        gpu_mib = torch.cuda.max_memory_allocated() / 2**20 + (jax_mib or 0.0)
+    seconds = sum(times)
     return {
-        "compile_s": setup_seconds,  # no compilation by default: env set-up (JAX-side env step for Playground)
+        **facts,
         "warmup_s": warmup_seconds,  # includes torch.compile's compilation, on a cold cache (see main)
-        "sps": iterations * args.num_envs * args.num_steps / seconds,
+        "sps": iterations * facts["steps_per_iteration"] / seconds,
         "seconds_per_iteration": seconds / iterations,
-        "peak_rss_mib": rt.peak_rss_mb(),
-        "peak_gpu_mib": gpu_mib,
-        "backend": str(trainer.device),
+        "peak_rss_mib": peak_rss(),
+        "peak_gpu_mib": peak_gpu(),
         "iteration_s": times,
     }
+
+
+def serve(impl: str, warmup: int, cli: list[str]) -> None:
+    """A --paired worker (a child process): build, compile and warm up one file, then time one
+    iteration each time the parent writes 'go' on stdin, until it writes 'stop'."""
+    import time
+
+    if impl == "jax":
+        run, facts, peak_rss, peak_gpu = jax_session(cli, 1)  # a chunk of one iteration
+    else:
+        run, facts, peak_rss, peak_gpu = torch_session(cli)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        run()
+    print("READY " + json.dumps({**facts, "warmup_s": time.perf_counter() - start}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
+        start = time.perf_counter()
+        run()
+        print(f"TIME {time.perf_counter() - start!r}", flush=True)
+    print("RESULT " + json.dumps({"peak_rss_mib": peak_rss(), "peak_gpu_mib": peak_gpu()}), flush=True)
+
+
+def child_command(impl: str, mode: str, iterations: int, setting: str, flags: list[str]) -> list[str]:
+    return [sys.executable, __file__, mode, impl, str(iterations), *SETTINGS[setting], *flags]
+
+
+def torch_flags(options: Options) -> list[str]:
+    flags = ["--compile"] * options.torch_compile + ["--fused-adam"] * options.torch_fused_adam
+    return flags + ["--cuda-graphs"] * options.torch_cuda_graphs
+
+
+def child_env(cache: str) -> dict[str, str]:
+    # Each child compiles from nothing: torch.compile keeps its compiled code in a cache
+    # folder that a second run would reuse, so an empty one per child makes the warm-up
+    # round's time that of a first run on the machine (the JAX file keeps no such cache).
+    return dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+
+
+class Worker:
+    """One --paired child process, talked to line by line; built, compiled and warmed up
+    once the constructor returns (``facts``: what its READY line reported)."""
+
+    def __init__(self, impl: str, setting: str, flags: list[str], warmup: int, cache: str):
+        self.impl = impl
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a pipe left unread could fill and block the child
+        command = child_command(impl, "--serve", warmup, setting, flags)
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=child_env(cache)
+        )
+        self.facts = json.loads(self.read("READY"))
+
+    def read(self, tag: str) -> str:
+        for line in self.process.stdout:
+            if line.startswith(tag + " "):
+                return line[len(tag) + 1 :]
+        self.process.wait()
+        self.stderr.seek(0)
+        sys.exit(f"{self.impl} worker failed (exit {self.process.returncode}):\n{self.stderr.read()[-4000:]}")
+
+    def send(self, command: str) -> None:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+    def time_one(self) -> float:
+        self.send("go")
+        return float(self.read("TIME"))
+
+    def finish(self) -> dict:
+        self.send("stop")
+        result = json.loads(self.read("RESULT"))
+        self.process.wait()
+        self.stderr.close()
+        return result
+
+
+def measure_paired(setting: str, rounds: int, flags: list[str], extra: list[str]) -> dict:
+    """Both files at one setting, in lockstep: one timed iteration of reppo_jax.py, then one of
+    reppo_torch.py, `rounds` times, each file in its own process kept alive throughout (the
+    other waits, idle, on its stdin). A VM whose speed changes from minute to minute (docs/
+    results.md, session 22) then slows both files alike, and each round's ratio compares the
+    two in the same state. The JAX file runs a compiled chunk of one iteration here, which
+    measured ~2 % slower than the chunks of 20 of the unpaired protocol."""
+    import statistics
+
+    warmup = 3  # iterations: enough for torch.compile's compilation and allocator warm-up
+    with tempfile.TemporaryDirectory() as cache:
+        workers = {}
+        for impl in ("jax", "torch"):  # one after the other: set-up and compilation do not overlap
+            workers[impl] = Worker(impl, setting, (flags if impl == "torch" else []) + extra, warmup, cache)
+        times = {"jax": [], "torch": []}
+        for _ in range(rounds):
+            for impl in ("jax", "torch"):
+                times[impl].append(workers[impl].time_one())
+        memory = {impl: worker.finish() for impl, worker in workers.items()}
+    ratios = [t / j for j, t in zip(times["jax"], times["torch"])]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    result = {"setting": setting, "implementation": "paired", "rounds": rounds, "flags": flags + extra}
+    for impl in ("jax", "torch"):
+        facts = workers[impl].facts
+        result[impl] = {
+            **facts,
+            "sps": rounds * facts["steps_per_iteration"] / sum(times[impl]),
+            "iteration_s": times[impl],
+            **memory[impl],
+        }
+    result.update(
+        ratio_median=statistics.median(ratios),
+        ratio_quartiles=[quartiles[0], quartiles[2]],
+        ratio_of_means=sum(times["torch"]) / sum(times["jax"]),
+        ratios=ratios,
+    )
+    return result
 
 
 def main() -> None:
@@ -156,11 +314,20 @@ def main() -> None:
         result = {"jax": measure_jax, "torch": measure_torch}[impl](cli, iterations)
         print("RESULT " + json.dumps(result))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":  # a --paired worker
+        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4:])
+        return
     options = tyro.cli(Options)
+    extra = shlex.split(options.extra)
+    if options.paired:
+        if set(options.implementations) != {"jax", "torch"}:
+            sys.exit("--paired compares the two files: give --implementations jax torch")
+        if TORCH_ONLY & set(options.settings):
+            sys.exit("--paired runs the settings both files can run (paper, cpu), not maniskill")
     pairs = [
         (setting, impl)
         for setting in options.settings
-        for impl in options.implementations
+        for impl in (["paired"] if options.paired else options.implementations)
         if not (impl == "jax" and setting in TORCH_ONLY)
     ]
     if not pairs:
@@ -170,24 +337,23 @@ def main() -> None:
     results = []
     for setting, impl in pairs:
         iterations = options.iterations or (1 if setting == "paper" else 20)
-        flags = []
-        if impl == "torch":
-            flags += ["--compile"] * options.torch_compile + ["--fused-adam"] * options.torch_fused_adam
-            flags += ["--cuda-graphs"] * options.torch_cuda_graphs
-        child = [sys.executable, __file__, "--child", impl, str(iterations), *SETTINGS[setting], *flags]
-        # Each child compiles from nothing: torch.compile keeps its compiled code in a cache
-        # folder that a second run would reuse, so an empty one per child makes the warm-up
-        # round's time that of a first run on the machine (the JAX file keeps no such cache).
+        flags = torch_flags(options) if impl != "jax" else []
+        if impl == "paired":
+            result = measure_paired(setting, iterations, flags, extra)
+            results.append(result)
+            print_paired(result)
+            continue
         with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
-            done = subprocess.run(child, capture_output=True, text=True, env=env)
+            child = child_command(impl, "--child", iterations, setting, flags + extra)
+            done = subprocess.run(child, capture_output=True, text=True, env=child_env(cache))
         if done.returncode != 0:
             sys.exit(f"{impl} {setting} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
         result = json.loads(done.stdout.split("RESULT ", 1)[1])
-        result.update(setting=setting, implementation=impl, iterations=iterations, flags=flags)
+        result.update(setting=setting, implementation=impl, iterations=iterations, flags=flags + extra)
         results.append(result)
+        shown = "".join(" " + flag for flag in flags + extra)
         print(
-            f"{impl:5s} {setting:9s}{''.join(' ' + flag for flag in flags)}: {result['sps']:8,.0f} env-steps/s  "
+            f"{impl:5s} {setting:9s}{shown}: {result['sps']:8,.0f} env-steps/s  "
             f"({result['seconds_per_iteration'] * 1000:,.0f} ms/iteration)  "
             f"{'compile' if impl == 'jax' else 'set-up'} {result['compile_s']:5.1f} s  "
             f"warm-up {result['warmup_s']:5.1f} s  "
@@ -198,6 +364,19 @@ def main() -> None:
     if options.json_out:
         with open(options.json_out, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def print_paired(result: dict) -> None:
+    flags = "".join(" " + flag for flag in result["flags"])
+    low, high = result["ratio_quartiles"]
+    print(
+        f"paired {result['setting']:9s}{flags}, {result['rounds']} rounds: "
+        f"jax {result['jax']['sps']:8,.0f} env-steps/s, "
+        f"torch {result['torch']['sps']:8,.0f} env-steps/s; torch/jax time per iteration: median "
+        f"{result['ratio_median']:.2f} (quartiles {low:.2f}-{high:.2f}), of the means {result['ratio_of_means']:.2f}; "
+        f"peak RSS jax {result['jax']['peak_rss_mib']:,.0f} MiB, torch {result['torch']['peak_rss_mib']:,.0f} MiB",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

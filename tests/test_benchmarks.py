@@ -339,6 +339,38 @@ def test_speed_refuses_the_maniskill_setting_for_the_jax_file_alone():
     assert done.returncode == 1 and "runs reppo_torch.py only" in done.stderr
 
 
+def test_speed_paired_times_both_files_in_lockstep(tmp_path):
+    """--paired: the two files in two processes kept alive, one timed iteration of each in turn;
+    each round's torch/JAX ratio and the summaries are those of the recorded times."""
+    tiny = "--num-envs 8 --num-steps 4 --num-mini-batches 2 --num-epochs 1 --actor-hidden 16 --critic-hidden 16"
+    out = tmp_path / "paired.json"
+    done = run_script(
+        "benchmarks/speed.py", "--settings", "cpu", "--implementations", "jax", "torch", "--paired",
+        "--iterations", "3", f"--extra={tiny}", "--json-out", str(out), timeout=300,
+    )  # fmt: skip
+    (result,) = json.loads(out.read_text())
+    assert result["setting"] == "cpu" and result["implementation"] == "paired" and result["rounds"] == 3
+    assert result["flags"] == tiny.split()
+    times = {}
+    for impl in ("jax", "torch"):
+        side = result[impl]
+        times[impl] = np.array(side["iteration_s"])
+        assert len(times[impl]) == 3 and (times[impl] > 0).all()
+        assert side["steps_per_iteration"] == 8 * 4 and side["backend"] == "cpu" and side["peak_rss_mib"] > 100
+        np.testing.assert_allclose(side["sps"], 3 * 32 / times[impl].sum())
+    ratios = times["torch"] / times["jax"]
+    np.testing.assert_allclose(result["ratios"], ratios)
+    np.testing.assert_allclose(result["ratio_median"], np.median(ratios))
+    np.testing.assert_allclose(result["ratio_of_means"], times["torch"].sum() / times["jax"].sum())
+    assert min(ratios) <= result["ratio_quartiles"][0] <= result["ratio_quartiles"][1] <= max(ratios)
+    assert "paired cpu" in done.stdout and "torch/jax time per iteration: median" in done.stdout
+
+
+def test_speed_paired_needs_both_files():
+    done = run_script("benchmarks/speed.py", "--settings", "cpu", "--paired", check=False, timeout=120)
+    assert done.returncode == 1 and "--implementations jax torch" in done.stderr
+
+
 def write_maniskill_run(run_dir, seed, success_once, ignore_terminations=None, step=3200):
     """A reppo_torch.py ManiSkill3 run folder: args.json (without ignore_terminations when None,
     as runs saved before the flag) and metrics.csv with one evaluation every ``step`` env steps;
