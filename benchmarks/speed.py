@@ -275,7 +275,8 @@ def measure_paired(setting: str, rounds: int, flags: list[str], extra: list[str]
     other waits, idle, on its stdin). A VM whose speed changes from minute to minute (docs/
     results.md, session 22) then slows both files alike, and each round's ratio compares the
     two in the same state. The JAX file runs a compiled chunk of one iteration here, which
-    measured ~2 % slower than the chunks of 20 of the unpaired protocol."""
+    measured ~2 % slower than a chunk of 10 (docs/results.md, session 22); the unpaired
+    protocol's chunk is 20."""
     import statistics
 
     warmup = 3  # iterations: enough for torch.compile's compilation and allocator warm-up
