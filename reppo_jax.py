@@ -1179,8 +1179,8 @@ def start_wandb(args: Args, run_dir: str, run_name: str):
     """--track: a wandb run named after the run folder (so a resumed run continues it), or a
     UserError that says what to do: without wandb installed, or when wandb.init fails (online
     mode with no API key raises its UsageError; no network, a CommError after its timeout).
-    Started before args.json is written, so that a run that cannot start changes nothing; a
-    fresh run's folder, made just before, is removed again."""
+    Started before args.json is written, so that a run that cannot start changes nothing
+    (train() then removes a fresh run's folder again)."""
     try:
         import wandb
     except ImportError as error:
@@ -1203,8 +1203,6 @@ def start_wandb(args: Args, run_dir: str, run_name: str):
                 f"--track: wandb could not start the run ({type(error).__name__}: {error}); {login}add "
                 "--wandb-mode offline to write the run locally and `wandb sync` it later"
             )
-    if args.resume is None:
-        shutil.rmtree(run_dir, ignore_errors=True)
     raise UserError(problem)
 
 
@@ -1493,24 +1491,35 @@ def train(args: Args, argv: list[str]) -> str:
     # Compiles the first chunk, the longest wait of a run: before any run folder or wandb run
     # exists, so that a Ctrl-C or a failure here leaves nothing behind.
     metric_names = runner.metric_names(state, first_chunk)
-    if args.resume is None:  # a fresh run's folder, once its envs and networks could be built
-        run_name, run_dir = make_run_dir(args)
-    wandb_run = start_wandb(args, run_dir, run_name) if args.track else None
+    fresh_run_dir, wandb_run = None, None
+    # A run that cannot start (an error, or a Ctrl-C: during a slow wandb.init, say) finishes a
+    # wandb run it had started as failed and removes a fresh run's folder, so that it leaves
+    # nothing behind.
+    try:
+        if args.resume is None:  # a fresh run's folder, once its envs and networks could be built
+            run_name, run_dir = make_run_dir(args)
+            fresh_run_dir = run_dir
+        wandb_run = start_wandb(args, run_dir, run_name) if args.track else None
+        write_args(args, run_dir, argv)  # once the run can start (a failed resume leaves it as it was)
+        end_step = num_iterations * batch_size
+        logger = MetricsLogger(args, run_dir, start_step, end_step, metric_names, wandb_run)
+        # Ctrl-C from here on: the first one lets the running chunk finish (one jitted call) and
+        # then saves a checkpoint of the last completed iteration, so that --resume continues
+        # exactly; a second Ctrl-C stops at once without saving (the process leaves without
+        # waiting for the chunk: see the end of this file).
+        interrupted = install_interrupt_handler()
+    except BaseException:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+        if fresh_run_dir is not None:
+            shutil.rmtree(fresh_run_dir, ignore_errors=True)
+        raise
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
-    write_args(args, run_dir, argv)  # once the run can start (a failed resume leaves it as it was)
-    end_step = num_iterations * batch_size
-    logger = MetricsLogger(args, run_dir, start_step, end_step, metric_names, wandb_run)
-    logger.write(f"run folder: {run_dir}")
-
     train_seconds = 0.0
     train_steps = 0
-    # Ctrl-C: the first one lets the running chunk finish (one jitted call) and then saves a
-    # checkpoint of the last completed iteration, so that --resume continues exactly; a second
-    # Ctrl-C stops at once without saving (the process leaves without waiting for the chunk:
-    # see the end of this file).
-    interrupted = install_interrupt_handler()
     completed = False
     try:
+        logger.write(f"run folder: {run_dir}")
         if iteration == 0:  # the untrained policy, so curves start at step 0
             returns = runner.evaluate(state)
             logger.log(0, [_eval_row(args, s, returns[s]) for s in range(args.num_seeds)])

@@ -1906,8 +1906,8 @@ def start_wandb(args: Args, run_dir: str, run_name: str):
     """--track: a wandb run named after the run folder (so a resumed run continues it), or a
     UserError that says what to do: without wandb installed, or when wandb.init fails (online
     mode with no API key raises its UsageError; no network, a CommError after its timeout).
-    Started before args.json is written, so that a run that cannot start changes nothing; a
-    fresh run's folder, made just before, is removed again."""
+    Started before args.json is written, so that a run that cannot start changes nothing
+    (train() then removes a fresh run's folder again)."""
     try:
         import wandb
     except ImportError as error:
@@ -1930,8 +1930,6 @@ def start_wandb(args: Args, run_dir: str, run_name: str):
                 f"--track: wandb could not start the run ({type(error).__name__}: {error}); {login}add "
                 "--wandb-mode offline to write the run locally and `wandb sync` it later"
             )
-    if args.resume is None:
-        shutil.rmtree(run_dir, ignore_errors=True)
     raise UserError(problem)
 
 
@@ -2218,22 +2216,32 @@ def train(args: Args, argv: list[str]) -> str:
             file=sys.stderr,
         )
     trainer = Trainer(args, args.seed, device)
-    try:  # a run that cannot start closes its simulators again
+    fresh_run_dir, wandb_run = None, None
+    # A run that cannot start (an error, or a Ctrl-C: during a slow wandb.init, say) closes its
+    # simulators again, finishes a wandb run it had started as failed and removes a fresh run's
+    # folder, so that it leaves nothing behind.
+    try:
         if payload is not None:
             load_trainer_state(trainer, payload, args.resume)
         if args.resume is None:  # a fresh run's folder, once its envs and networks could be built
             run_name, run_dir = make_run_dir(args)
+            fresh_run_dir = run_dir
         wandb_run = start_wandb(args, run_dir, run_name) if args.track else None
         write_args(args, run_dir, device, argv)  # once the run can start (and --torch-threads is set)
         end_step = num_iterations * batch_size
         logger = MetricsLogger(args, run_dir, start_step, end_step, metric_names(trainer), wandb_run)
+        # Ctrl-C from here on: the first one lets the running iteration finish and then saves a
+        # clean checkpoint of the last completed iteration (so --resume continues exactly); a
+        # second Ctrl-C stops at once.
+        interrupted = install_interrupt_handler()
     except BaseException:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+        if fresh_run_dir is not None:
+            shutil.rmtree(fresh_run_dir, ignore_errors=True)
         trainer.close()
         raise
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
-    logger.write(f"run folder: {run_dir}")
-    logger.write(describe_device(args, trainer, device))
-
     iteration = trainer.iteration
     train_seconds, train_steps = 0.0, 0
     warmed_up = False  # the first iteration of a process (JAX compilation, allocator warm-up) is not timed
@@ -2241,12 +2249,10 @@ def train(args: Args, argv: list[str]) -> str:
     payload = None  # loaded: free its copy of the checkpoint
     eval_return = sps = float("nan")
     last_finite = None
-    # Ctrl-C: the first one lets the running iteration finish and then saves a clean
-    # checkpoint of the last completed iteration (so --resume continues exactly); a second
-    # Ctrl-C stops at once.
-    interrupted = install_interrupt_handler()
     completed = False
     try:
+        logger.write(f"run folder: {run_dir}")
+        logger.write(describe_device(args, trainer, device))
         if iteration == 0:  # the untrained policy, so curves start at step 0
             row = eval_rows(trainer)
             logger.log(0, [row])

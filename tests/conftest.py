@@ -345,6 +345,29 @@ def check_track_that_cannot_start_says_what_to_do(main, tmp_path, monkeypatch, c
     assert "--track needs wandb" in capsys.readouterr().err and os.listdir(runs) == []
 
 
+def check_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(module, tmp_path, monkeypatch) -> None:
+    """A Ctrl-C after the run folder is made but before training begins (during a slow
+    wandb.init, say; here while args.json is written): exit code 130, the wandb run that had
+    started is finished as failed, the fresh run's folder is removed again, and the Ctrl-C
+    handler of training was never left installed."""
+    import signal
+
+    run = StubWandbRun()
+    monkeypatch.setattr(module, "start_wandb", lambda args, run_dir, run_name: run)
+    made = []
+
+    def ctrl_c(args, run_dir, *rest):
+        made.append(os.path.isdir(run_dir))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "write_args", ctrl_c)
+    sigint = signal.getsignal(signal.SIGINT)
+    runs = tmp_path / "runs"
+    assert module.main([*TINY, "--total-timesteps", str(BATCH), "--runs-dir", str(runs), "--track"]) == 130
+    assert made == [True] and os.listdir(runs) == [] and run.exit_codes == [1]
+    assert signal.getsignal(signal.SIGINT) is sigint
+
+
 def check_a_second_ctrl_c_in_a_gc_callback_is_not_lost(module, capsys) -> None:
     """A second Ctrl-C whose handler runs inside a garbage-collector callback (as one did inside
     JAX's, in session 22's CI) raises KeyboardInterrupt there, which Python would print as

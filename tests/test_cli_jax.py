@@ -14,6 +14,7 @@ from conftest import (
     StubWandbRun,
     assert_same_rows,
     assert_same_state,
+    check_a_ctrl_c_while_the_run_starts_leaves_nothing_behind,
     check_a_second_ctrl_c_in_a_gc_callback_is_not_lost,
     check_eval_only_evaluates_the_checkpoint,
     check_saves_at_every_log_point,
@@ -395,3 +396,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
 
 def test_a_second_ctrl_c_inside_a_gc_callback_still_stops_the_run(capsys):
     check_a_second_ctrl_c_in_a_gc_callback_is_not_lost(rj, capsys)
+
+
+def test_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(tmp_path, monkeypatch):
+    check_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(rj, tmp_path, monkeypatch)
