@@ -1197,7 +1197,15 @@ def start_wandb(args: Args, run_dir: str, run_name: str):
                 resume="allow",
                 id=run_name.replace("/", "_"),
             )
-        except Exception as error:  # wandb's own error classes; the user needs one message
+        except BaseException as error:
+            # A run that init had made before it failed or was interrupted (a Ctrl-C late in a
+            # slow init) is finished as failed. Earlier in init there is no run object to
+            # finish: what wandb had registered by then is left to wandb.
+            if getattr(wandb, "run", None) is not None:
+                wandb.run.finish(exit_code=1)
+            if not isinstance(error, Exception):  # a Ctrl-C goes on to train()'s clean-up
+                raise
+            # wandb's own error classes; the user needs one message
             login = "log in once with `wandb login` (or set WANDB_API_KEY), or " if "API key" in str(error) else ""
             problem = (
                 f"--track: wandb could not start the run ({type(error).__name__}: {error}); {login}add "
@@ -1509,10 +1517,17 @@ def train(args: Args, argv: list[str]) -> str:
         # waiting for the chunk: see the end of this file).
         interrupted = install_interrupt_handler()
     except BaseException:
-        if wandb_run is not None:
-            wandb_run.finish(exit_code=1)
-        if fresh_run_dir is not None:
-            shutil.rmtree(fresh_run_dir, ignore_errors=True)
+        # The error that stopped the start is the one raised: a wandb run that cannot be
+        # finished is reported, not raised in its place, and a second Ctrl-C during a slow
+        # finish still leaves through the clean-up below.
+        try:
+            if wandb_run is not None:
+                wandb_run.finish(exit_code=1)
+        except Exception as error:
+            print(f"wandb could not finish the run: {type(error).__name__}: {error}", file=sys.stderr)
+        finally:
+            if fresh_run_dir is not None:
+                shutil.rmtree(fresh_run_dir, ignore_errors=True)
         raise
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
     train_seconds = 0.0

@@ -225,11 +225,17 @@ def torch_flags(options: Options) -> list[str]:
     return flags + ["--cuda-graphs"] * options.torch_cuda_graphs
 
 
-def child_env(cache: str) -> dict[str, str]:
+def child_env(cache: str, paired: bool = False) -> dict[str, str]:
     # Each child compiles from nothing: torch.compile keeps its compiled code in a cache
     # folder that a second run would reuse, so an empty one per child makes the warm-up
     # round's time that of a first run on the machine (the JAX file keeps no such cache).
-    return dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+    if paired:
+        # --paired keeps both files alive at once: on a GPU, JAX's default of taking 75 % of
+        # its memory up front would leave the PyTorch worker (and its own JAX simulator) the
+        # rest. reppo_torch.py sets this for its own JAX already.
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return env
 
 
 class Worker:
@@ -241,7 +247,12 @@ class Worker:
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a pipe left unread could fill and block the child
         command = child_command(impl, "--serve", warmup, setting, flags)
         self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=child_env(cache)
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=child_env(cache, paired=True),
         )
         self.facts = json.loads(self.read("READY"))
 
@@ -249,13 +260,25 @@ class Worker:
         for line in self.process.stdout:
             if line.startswith(tag + " "):
                 return line[len(tag) + 1 :]
+        self.fail()
+
+    def send(self, command: str) -> None:
+        try:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:  # the worker has died (killed for memory, say)
+            self.fail()
+
+    def fail(self):
         self.process.wait()
         self.stderr.seek(0)
         sys.exit(f"{self.impl} worker failed (exit {self.process.returncode}):\n{self.stderr.read()[-4000:]}")
 
-    def send(self, command: str) -> None:
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
+    def stop(self) -> None:
+        """Ends a worker that is still running (after another one failed)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def time_one(self) -> float:
         self.send("go")
@@ -282,15 +305,21 @@ def measure_paired(setting: str, rounds: int, flags: list[str], extra: list[str]
     warmup = 3  # iterations: enough for torch.compile's compilation and allocator warm-up
     with tempfile.TemporaryDirectory() as cache:
         workers = {}
-        for impl in ("jax", "torch"):  # one after the other: set-up and compilation do not overlap
-            workers[impl] = Worker(impl, setting, (flags if impl == "torch" else []) + extra, warmup, cache)
-        times = {"jax": [], "torch": []}
-        for _ in range(rounds):
-            for impl in ("jax", "torch"):
-                times[impl].append(workers[impl].time_one())
-        memory = {impl: worker.finish() for impl, worker in workers.items()}
+        try:
+            for impl in ("jax", "torch"):  # one after the other: set-up and compilation do not overlap
+                workers[impl] = Worker(impl, setting, (flags if impl == "torch" else []) + extra, warmup, cache)
+            times = {"jax": [], "torch": []}
+            for _ in range(rounds):
+                for impl in ("jax", "torch"):
+                    times[impl].append(workers[impl].time_one())
+            memory = {impl: worker.finish() for impl, worker in workers.items()}
+        finally:  # a failed (or interrupted) measurement leaves no worker running
+            for worker in workers.values():
+                worker.stop()
     ratios = [t / j for j, t in zip(times["jax"], times["torch"])]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    # "inclusive": quartiles within the measured ratios (Python's default, "exclusive",
+    # extrapolates beyond them for a few rounds; session 23's JSONs were written with it).
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
     result = {"setting": setting, "implementation": "paired", "rounds": rounds, "flags": flags + extra}
     for impl in ("jax", "torch"):
         facts = workers[impl].facts
@@ -303,6 +332,7 @@ def measure_paired(setting: str, rounds: int, flags: list[str], extra: list[str]
     result.update(
         ratio_median=statistics.median(ratios),
         ratio_quartiles=[quartiles[0], quartiles[2]],
+        ratio_quartile_method="inclusive",
         ratio_of_means=sum(times["torch"]) / sum(times["jax"]),
         ratios=ratios,
     )

@@ -345,27 +345,80 @@ def check_track_that_cannot_start_says_what_to_do(main, tmp_path, monkeypatch, c
     assert "--track needs wandb" in capsys.readouterr().err and os.listdir(runs) == []
 
 
-def check_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(module, tmp_path, monkeypatch) -> None:
-    """A Ctrl-C after the run folder is made but before training begins (during a slow
-    wandb.init, say; here while args.json is written): exit code 130, the wandb run that had
-    started is finished as failed, the fresh run's folder is removed again, and the Ctrl-C
-    handler of training was never left installed."""
+def check_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(module, tmp_path, monkeypatch, capsys) -> None:
+    """A Ctrl-C after the run folder is made but before training begins: exit code 130, a
+    wandb run that had started is finished as failed, a fresh run's folder is removed again
+    (a resumed run's is kept, checkpoint and all), the Ctrl-C handler of training was never left
+    installed, and the PyTorch file's simulators are closed. Cases: the Ctrl-C while args.json
+    is written; the same with a wandb run whose finish() fails (reported; the Ctrl-C is still
+    the error raised); late in wandb.init, after wandb had made its run; and in a resumed run."""
     import signal
+    import types
 
-    run = StubWandbRun()
-    monkeypatch.setattr(module, "start_wandb", lambda args, run_dir, run_name: run)
+    closed = []
+    if hasattr(module, "Trainer"):  # reppo_torch.py: its simulators are closed too
+        close = module.Trainer.close
+        monkeypatch.setattr(module.Trainer, "close", lambda self: (closed.append(True), close(self))[1])
+    sigint = signal.getsignal(signal.SIGINT)
+    runs = tmp_path / "runs"
+    argv = [*TINY, "--total-timesteps", str(BATCH), "--runs-dir", str(runs), "--track"]
     made = []
 
     def ctrl_c(args, run_dir, *rest):
         made.append(os.path.isdir(run_dir))
         raise KeyboardInterrupt
 
+    def starts_and_stops(expected_made, expected_runs, run, argv=argv):
+        made.clear()
+        closed.clear()
+        assert module.main(argv) == 130
+        assert made == expected_made and sorted(os.listdir(runs)) == expected_runs and run.exit_codes == [1]
+        assert signal.getsignal(signal.SIGINT) is sigint
+        assert closed == ([True] if hasattr(module, "Trainer") else [])
+
+    # 1. While args.json is written, with a wandb run started.
+    run = StubWandbRun()
+    monkeypatch.setattr(module, "start_wandb", lambda args, run_dir, run_name: run)
     monkeypatch.setattr(module, "write_args", ctrl_c)
-    sigint = signal.getsignal(signal.SIGINT)
-    runs = tmp_path / "runs"
-    assert module.main([*TINY, "--total-timesteps", str(BATCH), "--runs-dir", str(runs), "--track"]) == 130
-    assert made == [True] and os.listdir(runs) == [] and run.exit_codes == [1]
-    assert signal.getsignal(signal.SIGINT) is sigint
+    starts_and_stops([True], [], run)
+
+    # 2. The same, and the wandb run's finish() fails: said, and the Ctrl-C is still what stops the run.
+    class FailingFinish(StubWandbRun):
+        def finish(self, exit_code=0):
+            super().finish(exit_code)
+            raise RuntimeError("no network")
+
+    run = FailingFinish()
+    starts_and_stops([True], [], run)
+    assert "wandb could not finish the run: RuntimeError: no network" in capsys.readouterr().err
+
+    # 3. Late in wandb.init: wandb had made its run (wandb.run) when the Ctrl-C came.
+    monkeypatch.undo()
+    if hasattr(module, "Trainer"):
+        monkeypatch.setattr(module.Trainer, "close", lambda self: (closed.append(True), close(self))[1])
+    run = StubWandbRun()
+    wandb = types.SimpleNamespace(run=None)
+
+    def init(**kwargs):
+        wandb.run = run
+        raise KeyboardInterrupt
+
+    wandb.init = init
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    starts_and_stops([], [], run)
+
+    # 4. A resumed run: its folder, checkpoint and metrics stay as they were.
+    fake_wandb(monkeypatch)  # the run to resume, with --track (which a resumed run takes from it)
+    assert module.main([*argv, "--save-model"]) == 0
+    run_dir = only_run(runs)
+    before = {name: open(os.path.join(run_dir, name), "rb").read() for name in sorted(os.listdir(run_dir))}
+    assert module.CHECKPOINT_NAME in before and "metrics.csv" in before
+    monkeypatch.setattr(module, "write_args", ctrl_c)
+    run = StubWandbRun()
+    monkeypatch.setattr(module, "start_wandb", lambda args, run_dir, run_name: run)
+    resume = ["--resume", os.path.join(run_dir, module.CHECKPOINT_NAME), "--total-timesteps", str(2 * BATCH)]
+    starts_and_stops([True], [os.path.basename(run_dir)], run, argv=resume)
+    assert {name: open(os.path.join(run_dir, name), "rb").read() for name in sorted(os.listdir(run_dir))} == before
 
 
 def check_a_second_ctrl_c_in_a_gc_callback_is_not_lost(module, capsys) -> None:

@@ -521,5 +521,5 @@ def test_a_second_ctrl_c_inside_a_gc_callback_still_stops_the_run(capsys):
     check_a_second_ctrl_c_in_a_gc_callback_is_not_lost(rt, capsys)
 
 
-def test_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(tmp_path, monkeypatch):
-    check_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(rt, tmp_path, monkeypatch)
+def test_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    check_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(rt, tmp_path, monkeypatch, capsys)
