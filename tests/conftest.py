@@ -247,11 +247,15 @@ def check_track_and_resume(main, checkpoint_name, runs_dir, monkeypatch) -> None
     filled cells at its global_step; both runs finish with exit code 0."""
     inits = fake_wandb(monkeypatch)
     argv = [*TINY, "--total-timesteps", str(2 * BATCH), "--runs-dir", str(runs_dir), "--save-model", "--track"]
+    argv += ["--wandb-project", "reppo-test", "--wandb-entity", "someone", "--wandb-mode", "offline"]
     assert main(argv) == 0
     run_dir = only_run(runs_dir)
     assert main(["--resume", os.path.join(run_dir, checkpoint_name), "--total-timesteps", str(4 * BATCH)]) == 0
     (first, first_run), (resumed, resumed_run) = inits
     assert first["id"] == resumed["id"] == os.path.basename(run_dir) and first["resume"] == resumed["resume"] == "allow"
+    for kwargs in (first, resumed):  # the --wandb-* flags reach init (the resumed run takes them from the checkpoint)
+        assert (kwargs["project"], kwargs["entity"], kwargs["mode"]) == ("reppo-test", "someone", "offline")
+        assert kwargs["name"] == os.path.basename(run_dir) and kwargs["dir"] == run_dir
     assert first["config"]["env_id"] == "CartpoleBalance" and first["config"]["num_envs"] == 8
     rows = read_metrics(run_dir)
     assert [step for _, step in first_run.logged + resumed_run.logged] == [int(r["global_step"]) for r in rows]
@@ -303,7 +307,9 @@ def check_eval_only_evaluates_the_checkpoint(main, full_run, checkpoint_name, ca
 
 def check_training_episodes_are_logged(main, runs_dir) -> None:
     """charts/episodic_*: the mean over the complete episodes that ended since the last log
-    point (10-step episodes here; the first, shortened ones are not complete and not counted)."""
+    point (10-step episodes here; the first, shortened ones are not complete and not counted).
+    Through the CLI this checks the lengths exactly and the returns' range; the sums behind both
+    are checked exactly in tests/test_loop_*.py (the training episodes that ended)."""
     argv = [*TINY, "--episode-length", "10", "--total-timesteps", str(4 * BATCH), "--runs-dir", str(runs_dir)]
     assert main(argv) == 0
     rows = read_metrics(only_run(runs_dir))[1:]  # the rows after step 0

@@ -461,10 +461,19 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatc
 
 
 def test_num_seeds_runs_each_seed_in_its_own_folder(tmp_path):
-    assert rt.main([*TINY, "--total-timesteps", str(BATCH), "--runs-dir", str(tmp_path), "--num-seeds", "2"]) == 0
-    folders = sorted(glob.glob(os.path.join(tmp_path, "*")))
-    assert [f.split("__")[2] for f in folders] == ["1", "2"]
+    """--num-seeds 2: seed 1, then seed 2, each in its own folder; the second is the run that
+    `--seed 2` alone gives (the seed reaches the networks and the simulator, not only the
+    folder's name), and the two seeds' runs differ."""
+    argv = [*TINY, "--total-timesteps", str(2 * BATCH)]
+    assert rt.main([*argv, "--runs-dir", str(tmp_path / "both"), "--num-seeds", "2"]) == 0
+    folders = sorted(glob.glob(os.path.join(tmp_path, "both", "*")))
+    assert [os.path.basename(f).split("__")[2] for f in folders] == ["1", "2"]
     assert [read_metrics(f)[-1]["seed"] for f in folders] == ["1", "2"]
+    assert rt.main([*argv, "--runs-dir", str(tmp_path / "alone"), "--seed", "2"]) == 0
+    assert_same_rows(folders[1], only_run(tmp_path / "alone"))
+    first, second = read_metrics(folders[0]), read_metrics(folders[1])
+    assert [r["eval/episodic_return"] for r in first] != [r["eval/episodic_return"] for r in second]
+    assert [r["losses/critic_loss"] for r in first[1:]] != [r["losses/critic_loss"] for r in second[1:]]
 
 
 def test_a_real_ctrl_c_twice_leaves_at_once_without_the_exit_handlers(tmp_path):

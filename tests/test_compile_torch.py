@@ -100,17 +100,23 @@ def assert_same(fast: rt.Trainer, fast_info: dict, eager: rt.Trainer, eager_info
 
 
 def test_compiled_update_equals_eager_update():
+    from torch._dynamo.utils import counters
+
     require_compiler()
     eager = make_trainer()
     compiled = make_trainer(compile=True)
     compiled.load_state_dict(eager.state_dict(), with_env=False)
     initial = [param.detach().clone() for param in compiled.actor.parameters()]
+    graphs = counters["stats"]["unique_graphs"]
     # The first update is eager (it creates Adam's state); the next ones run the compiled graph.
     for seed in (1, 2, 3):
         minibatch = make_minibatch(seed)
         eager_info = eager.update_minibatch(minibatch)
         compiled_info = compiled.update_minibatch(minibatch)
         assert_same(compiled, compiled_info, eager, eager_info)
+    # One graph was compiled (and not recompiled for the third update): the compiled updates
+    # were compared, not the eager update with itself.
+    assert counters["stats"]["unique_graphs"] - graphs == 1
     moved = [(param - start).abs().max() for param, start in zip(compiled.actor.parameters(), initial)]
     assert max(moved) > 1e-4  # the parameters did change
 

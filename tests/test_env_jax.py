@@ -223,6 +223,13 @@ def test_mujoco_warp_steps_through_the_wrapper_as_mjx_does(reset, step):
             np.testing.assert_allclose(getattr(warp_result, name), value, rtol=1e-5, atol=1e-5, err_msg=name)
         ended += int(np.asarray(warp_result.truncated).sum())
     assert ended == 3 * NUM_ENVS  # every env ended (and restarted) three times
+    # MuJoCo Warp did step: its state has leaves without the env axis, MJX's has none.
+    assert without_env_axis(warp_state.physics, NUM_ENVS) and not without_env_axis(mjx_state.physics, NUM_ENVS)
+
+
+def without_env_axis(physics, num_envs: int) -> list:
+    """The shapes of a batched physics state's leaves that lack the leading env axis."""
+    return [leaf.shape for leaf in jax.tree.leaves(physics) if leaf.ndim == 0 or leaf.shape[0] != num_envs]
 
 
 def test_a_leaf_without_the_env_axis_is_taken_from_the_stepped_state():

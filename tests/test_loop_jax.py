@@ -211,6 +211,51 @@ def test_collection_bootstraps_from_the_true_final_observation_and_keeps_its_nor
     np.testing.assert_allclose(sorted_rows(first_epoch), sorted_rows(collected), rtol=1e-6, atol=1e-6)
 
 
+def test_the_training_episodes_that_ended_are_counted_and_summed(monkeypatch):
+    """charts/episodes, charts/episode_return_sum and charts/episode_length_sum of each
+    iteration: the number of complete episodes (begun from a reset) that ended in it and the
+    sums of their returns and lengths, computed here from every step's reward and ends; a log
+    row then divides the sums by the number over its iterations. On CountdownEnv the episodes'
+    returns differ (the reward follows the action) and so do their lengths (2 when terminated,
+    3 when truncated), so a max, a mean or the last episode's return would not give these."""
+    args = rj.resolve_args(rj.parse_args(["--env-id", "CartpoleBalance", "--preset", "cpu"]))
+    args = dataclasses.replace(args, num_envs=4, num_steps=8, num_mini_batches=2, num_epochs=1)
+    args = dataclasses.replace(args, actor_hidden=32, critic_hidden=32, episode_length=3)
+    steps, real_step = [], rj.AutoResetEnv.step
+
+    def recording_step(self, env_state, action, key, auto_reset=True):
+        env_state, result = real_step(self, env_state, action, key, auto_reset)
+        record = lambda *xs: steps.append([np.asarray(x, np.float64) for x in xs])  # noqa: E731
+        jax.debug.callback(record, result.reward, result.terminated, result.truncated, ordered=True)
+        return env_state, result
+
+    monkeypatch.setattr(rj.AutoResetEnv, "step", recording_step)
+    agent = rj.make_agent(args, CountdownEnv())
+    iterations = 3
+    _, metrics = jax.jit(agent.train_chunk, static_argnums=1)(jax.jit(agent.init)(jax.random.PRNGKey(0)), iterations)
+    jax.effects_barrier()
+    reward, terminated, truncated = (np.stack(x) for x in zip(*steps))  # (iterations * T, N)
+    # Each env's first episode began part-way (random step counters): not complete, not counted.
+    counted = np.zeros((3, iterations))  # episodes, return sum, length sum per iteration
+    returns = []
+    for env in range(args.num_envs):
+        begun, total, length = False, 0.0, 0
+        for t in range(len(reward)):
+            total, length = total + reward[t, env], length + 1
+            if terminated[t, env] or truncated[t, env]:
+                if begun:
+                    counted[:, t // args.num_steps] += (1, total, length)
+                    returns.append(total)
+                begun, total, length = True, 0.0, 0
+    assert len(set(np.round(returns, 4))) > 2 and terminated.sum() > 0 and truncated.sum() > 0
+    names = ("charts/episodes", "charts/episode_return_sum", "charts/episode_length_sum")
+    for name, expected in zip(names, counted):
+        np.testing.assert_allclose(np.asarray(metrics[name], np.float64), expected, rtol=1e-5, err_msg=name)
+    row = rj._train_row({name: np.asarray(value)[None] for name, value in metrics.items()}, 0, 0.0)
+    np.testing.assert_allclose(row["charts/episodic_return"], counted[1].sum() / counted[0].sum(), rtol=1e-5)
+    np.testing.assert_allclose(row["charts/episodic_length"], counted[2].sum() / counted[0].sum(), rtol=1e-5)
+
+
 def test_bootstrap_matches_a_float64_reference():
     """SPEC section 6, against a naive float64 computation: the TRUE next state is normalised
     with the collection's statistics, v' = mean_k Q(s', a'_k) with Q the categorical mean, and

@@ -161,6 +161,42 @@ def test_collection_bootstraps_from_the_true_final_observation_and_keeps_its_nor
     torch.testing.assert_close(sorted_rows(first_epoch), sorted_rows(collected))
 
 
+def test_the_training_episodes_that_ended_are_counted_and_summed(monkeypatch):
+    """charts/episodes, charts/episode_return_sum and charts/episode_length_sum of each
+    iteration: the number of complete episodes that ended in it (the steps' episode_done) and
+    the sums of their returns and lengths; train_row then divides the sums by the number over
+    the iterations since the last log point. The returns handed back differ from env to env
+    and step to step, so a max, a mean or the last episode's return would not give these;
+    a step whose env did not end a complete episode adds nothing. The twin of the test in
+    tests/test_loop_jax.py (where the env wrapper's own sums are checked too)."""
+    trainer = make_trainer()
+    real_step, t = trainer.env.step, [0]
+
+    def step(action):
+        result = real_step(action)
+        t[0] += 1
+        done = torch.tensor([t[0] % 3 == 0, t[0] % 5 == 0, False, t[0] % 2 == 0])
+        episode_return = torch.arange(4.0) * 10.0 + t[0] ** 1.5  # differs per env and step
+        episode_length = torch.arange(4.0) + t[0]
+        return result._replace(episode_done=done, episode_return=episode_return, episode_length=episode_length)
+
+    monkeypatch.setattr(trainer.env, "step", step)
+    metrics = [trainer.train_iteration() for _ in range(2)]
+    T = trainer.args.num_steps
+    counted = np.zeros((2, 3))  # per iteration: episodes, return sum, length sum
+    for k in range(1, 2 * T + 1):
+        for env, ended in enumerate((k % 3 == 0, k % 5 == 0, False, k % 2 == 0)):
+            if ended:
+                counted[(k - 1) // T] += (1, env * 10.0 + k**1.5, env + k)
+    names = ("charts/episodes", "charts/episode_return_sum", "charts/episode_length_sum")
+    for iteration, expected in zip(metrics, counted):
+        np.testing.assert_allclose([iteration[name] for name in names], expected, rtol=1e-5)
+    row = rt.train_row(metrics, sps=0.0, maniskill=False)
+    totals = counted.sum(axis=0)
+    np.testing.assert_allclose(row["charts/episodic_return"], totals[1] / totals[0], rtol=1e-5)
+    np.testing.assert_allclose(row["charts/episodic_length"], totals[2] / totals[0], rtol=1e-5)
+
+
 def test_bootstrap_matches_a_float64_reference():
     """SPEC section 6, against a naive float64 computation: the TRUE next state is normalised
     with the collection's statistics, v' = mean_k Q(s', a'_k) with Q the categorical mean, and

@@ -103,6 +103,36 @@ def test_initialisation_family_matches_flax():
     assert (rt.lecun_normal_(torch.nn.Linear(5, 4)).bias == 0).all()
 
 
+def test_every_linear_layer_of_both_files_networks_starts_so():
+    """Each Linear layer of both files' actor and critic (hidden ones, the heads, the encoder's
+    output) starts from that family with zero biases; PyTorch's own default (uniform, std
+    1/sqrt(3 fan_in), non-zero biases) would fail it. The parity tests copy weights across
+    and so cannot see the initialisation."""
+    obs_size, action_size, hidden, bins = 24, 6, 512, 151
+    torch.manual_seed(0)
+    layers = {}
+    for name, net in (("actor", rt.Actor(obs_size, action_size, hidden, 0.1)),
+                      ("critic", rt.Critic(obs_size, action_size, hidden, bins, 0.0, 150.0))):  # fmt: skip
+        for path, module in net.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                weight, bias = module.weight.detach().numpy().T, module.bias.detach().numpy()  # (in, out)
+                layers[f"torch {name}.{path}"] = (weight, bias)
+    args = rj.resolve_args(rj.parse_args(["--env-id", "CartpoleBalance"]))  # hidden 512, vmin/vmax set
+    for name, net in zip(("actor", "critic"), rj._build_networks(args, obs_size, action_size, nnx.Rngs(0))):
+        for path, module in nnx.iter_graph(net):
+            if isinstance(module, nnx.Linear):
+                weight, bias = np.asarray(module.kernel.get_value()), np.asarray(module.bias.get_value())
+                layers[f"jax {name}.{'.'.join(map(str, path))}"] = (weight, bias)
+    # Per file: the actor's 2 hidden layers and head; 2 each in the critic's encoder, Q and aux heads.
+    assert len(layers) == 2 * (3 + 6), sorted(layers)
+    for name, (weight, bias) in layers.items():
+        fan_in = weight.shape[0]
+        bound = 2.0 / np.sqrt(fan_in) / 0.87962566103423978
+        assert abs(weight.std() * np.sqrt(fan_in) - 1.0) < 0.05, name
+        assert np.abs(weight).max() <= bound + 1e-6, name
+        assert (bias == 0).all(), name
+
+
 def test_network_outputs_agree(nets):
     jax_actor, jax_critic, torch_actor, torch_critic, batch = nets
     obs, action = batch["obs"], batch["action"]
@@ -488,7 +518,7 @@ def test_mujoco_warp_steps_through_the_bridge_as_mjx_does():
     (leaves without the env axis), which the bridge keeps from the step. Over three episodes
     with resets from the pool, its outputs equal those with MJX (CartpoleBalance)."""
     num_envs, episode_length = 8, 4
-    outputs = {}
+    outputs, physics = {}, {}
     for impl in ("jax", "warp"):
         env = rt.make_playground_env("CartpoleBalance", impl, 1000)
         reset, step = rt.make_jax_auto_reset(env, num_envs, episode_length)
@@ -496,6 +526,10 @@ def test_mujoco_warp_steps_through_the_bridge_as_mjx_does():
         for t in range(3 * episode_length):
             carry, out = step(carry, jnp.sin(jnp.arange(num_envs, dtype=jnp.float32)[:, None] + t))
             outputs[impl].append(out)
+        physics[impl] = carry[0]
+    # MuJoCo Warp did step: its state has leaves without the env axis (MJX's has none).
+    axes = {impl: {leaf.shape[:1] for leaf in jax.tree.leaves(state)} for impl, state in physics.items()}
+    assert axes["jax"] == {(num_envs,)} and axes["warp"] - {(num_envs,)}, axes
     for mjx_out, warp_out in zip(outputs["jax"], outputs["warp"], strict=True):
         for mjx_value, warp_value in zip(mjx_out, warp_out, strict=True):
             np.testing.assert_allclose(warp_value, mjx_value, rtol=1e-5, atol=1e-5)
