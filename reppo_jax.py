@@ -174,7 +174,7 @@ class Args:
 
 
 # `--preset cpu`: a small setting for a CPU (64 envs x 32 steps, 4 minibatches, 8 epochs,
-# hidden 256); everything else as SPEC section 11.
+# hidden 256, a log point every 20 iterations); the other hyperparameters as SPEC section 11.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "cpu": {
@@ -387,8 +387,9 @@ class AutoResetEnv:
         # IMPLEMENTATION DETAIL 5: the true final observation of an episode is kept (the
         # stock Playground wrapper overwrites it with the next episode's first one), so a
         # time-limit step bootstraps from its real next state instead of being masked out.
-        # A diverged state has a non-finite observation and reward; it is never bootstrapped from
-        # (terminated), and zeroing it keeps NaN out of the networks and the statistics.
+        # A diverged state (Playground's NaN flag, or a non-finite observation or reward) is
+        # never bootstrapped from (terminated); zeroing its non-finite entries keeps NaN out
+        # of the networks and the statistics.
         final_obs = jnp.where(obs_finite, stepped.obs, 0.0)
         reward = jnp.where(reward_finite, stepped.reward, 0.0)
         episode_return = state.episode_return + reward
@@ -823,7 +824,7 @@ class TrainState(NamedTuple):
     log_beta: jax.Array  # KL multiplier, log-space
     critic: nnx.State  # critic parameters
     actor_opt: optax.OptState  # clip + Adam state of (actor, log_alpha, log_beta): one global norm for all three
-    critic_opt: optax.OptState  # Adam state of the critic
+    critic_opt: optax.OptState  # clip + Adam state of the critic (its own global norm)
     normalizer: NormalizerState
     env: EnvState
     key: jax.Array

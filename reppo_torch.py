@@ -39,7 +39,7 @@ explicit random key, this file draws training's random numbers (actions, permuta
 losses' noise) from one ``torch.Generator`` per seed; where JAX fuses a whole iteration into
 one compiled ``lax.scan``, this file runs an ordinary Python loop over pre-allocated tensors;
 the MuJoCo Playground physics still runs in JAX (it is written in JAX) and its arrays cross to
-PyTorch without a copy through DLPack.
+PyTorch through DLPack, without a copy where both sides use the same device.
 """
 
 from __future__ import annotations
@@ -204,8 +204,9 @@ class Args:
     a GPU)"""
     torch_threads: int = 0
     """CPU threads of PyTorch's own kernels; 0 keeps PyTorch's default (one per core). On a CPU
-    shared with other busy processes pass 1: OpenMP threads that wait for a busy core ran 10-70x
-    slower in such a setting (measured on 2 cores beside another training run)"""
+    shared with other busy processes pass 1: on 2 cores beside a reppo_jax.py run, an eager update
+    at --preset cpu took 49-783 ms with PyTorch's two threads and 33-42 ms with one (21 and 34 ms
+    alone; docs/results.md)"""
 
     # --- logging ----------------------------------------------------------------------
     log_interval: int = 10
@@ -213,7 +214,8 @@ class Args:
 
 
 # `--preset cpu`: a small setting for a CPU (64 envs x 32 steps, 4 minibatches, 8 epochs,
-# hidden 256); everything else as SPEC section 11. The same table as reppo_jax.py.
+# hidden 256, a log point every 20 iterations); the other hyperparameters as SPEC section 11.
+# The same table as reppo_jax.py.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "cpu": {
@@ -347,7 +349,9 @@ class StepResult(NamedTuple):
     episode_return: torch.Tensor  # its return (valid where episode_done)
     episode_length: torch.Tensor  # its length (valid where episode_done)
     success_once: torch.Tensor  # ManiSkill: success at any step of that episode (else zeros)
-    success_at_end: torch.Tensor  # ManiSkill: success at its last step (else zeros)
+    # ManiSkill envs that ignore terminations (evaluation; training with --ignore-terminations):
+    # success at its last step; else zeros (ManiSkill records it only then; training reads none)
+    success_at_end: torch.Tensor
 
 
 # --- which suite an --env-id belongs to -----------------------------------------------
@@ -392,7 +396,7 @@ def unsupported_env_message(env_id: str) -> str:
     return f"unknown --env-id '{env_id}'. Valid DM Control tasks: {dm_control}. Valid ManiSkill3 tasks: {maniskill}"
 
 
-# --- MuJoCo Playground through a zero-copy JAX <-> PyTorch bridge ----------------------
+# --- MuJoCo Playground through a DLPack JAX <-> PyTorch bridge -------------------------
 
 
 def make_playground_env(env_id: str, impl: str, episode_length: int):
@@ -400,7 +404,7 @@ def make_playground_env(env_id: str, impl: str, episode_length: int):
 
     Playground's DM Control tasks default to ``impl="warp"`` (MuJoCo Warp). We pick
     ``impl="jax"`` (MJX written in JAX) for 'auto', as reppo_jax.py does: it is faster than
-    warp on a CPU (1.7-4.2x through the wrapper on 2 cores; docs/reppo.md) and it is the engine
+    warp on a CPU (1.7-4.2x through reppo_jax.py's wrapper on 2 cores; docs/reppo.md) and it is the engine
     behind the paper's runs. ``--impl warp`` works through the bridge (tests/test_parity.py:
     the same steps as MJX on CartpoleBalance).
     """
@@ -475,8 +479,9 @@ def make_jax_auto_reset(env, num_envs: int, episode_length: int, auto_reset: boo
         # IMPLEMENTATION DETAIL 5: the true final observation of an episode is kept (the
         # stock Playground wrapper overwrites it with the next episode's first one), so a
         # time-limit step bootstraps from its real next state instead of being masked out.
-        # A diverged state has a non-finite observation and reward; it is never bootstrapped from
-        # (terminated), and zeroing it keeps NaN out of the networks and the statistics.
+        # A diverged state (Playground's NaN flag, or a non-finite observation or reward) is
+        # never bootstrapped from (terminated); zeroing its non-finite entries keeps NaN out
+        # of the networks and the statistics.
         final_obs = jnp.where(obs_finite, stepped.obs, 0.0)
         reward = jnp.where(reward_finite, stepped.reward, 0.0)
         episode_return = episode_return + reward
