@@ -138,6 +138,23 @@ def finished_differences(job: Job, extra_args: str, brax_args: str) -> list[str]
     ]
 
 
+def code_state() -> dict:
+    """The commit the job runs (and whether the working tree differs from it), for its sidecar:
+    the same seed gives another curve with other code. Empty where git cannot tell."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"code": commit.stdout.strip(), "code_modified": bool(status.stdout.strip())}
+
+
 def job_command(job: Job, runs_dir: str, extra_args: str = "", brax_args: str = "") -> list[str]:
     if job.impl == "brax_ppo":
         cmd = [sys.executable, os.path.join("benchmarks", "brax_ppo.py"), "--env-id", job.task]
@@ -200,6 +217,7 @@ def run_job(job: Job, opts: Options) -> bool:
     log_path = os.path.join(tmp_dir, "job.log")
     cmd = job_command(job, runs_dir, opts.extra_args, opts.brax_args)
     print(f"[grid] run  {job.name}: {shlex.join(cmd)}\n[grid]      log: {log_path}", flush=True)
+    code = code_state()  # as the job starts
     start = time.perf_counter()
     with open(log_path, "w") as log:
         nice = opts.nice
@@ -222,7 +240,7 @@ def run_job(job: Job, opts: Options) -> bool:
 
     meta = {"implementation": job.impl, "env_id": job.task, "seed": job.seed, "budget": job.budget}
     meta["extra_args"] = opts.brax_args if job.impl == "brax_ppo" else opts.extra_args
-    meta.update({"command": shlex.join(cmd), "job_seconds": job_seconds})
+    meta.update({"command": shlex.join(cmd), "job_seconds": job_seconds, **code})
     if job.impl == "brax_ppo":  # brax_ppo.py wrote the CSV and its own sidecar
         with open(sidecar_path(job.csv_path)) as f:
             meta = {**json.load(f), **meta}

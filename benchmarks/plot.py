@@ -122,10 +122,13 @@ def interpolate(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def common_grid(curves: list[Curve], x_key: str = "env_steps", num: int = 101) -> np.ndarray:
-    """0 .. the smallest final x over the curves (so every seed covers the whole grid)."""
-    ends = [np.nanmax(c[x_key]) for c in curves if np.isfinite(c[x_key]).any()]
-    end = min(ends) if ends else 0.0
-    return np.linspace(0.0, end, num)
+    """The largest first x .. the smallest final x over the curves, so that every seed covers
+    the whole grid (0 .. for curves that all start with an evaluation at step 0, as the grid's
+    do; a curve without one would otherwise be NaN, and so its mean, before its first x)."""
+    ranges = [(np.nanmin(c[x_key]), np.nanmax(c[x_key])) for c in curves if np.isfinite(c[x_key]).any()]
+    start = max((first for first, _ in ranges), default=0.0)
+    end = min((last for _, last in ranges), default=0.0)
+    return np.linspace(start, end, num)
 
 
 def bootstrap_ci(

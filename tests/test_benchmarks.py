@@ -90,6 +90,16 @@ def test_common_grid_stops_at_shortest_seed():
     assert plot.common_grid([a, b], num=5)[-1] == 60.0
 
 
+def test_common_grid_starts_where_every_seed_has_begun():
+    """A curve without an evaluation at step 0 (a GPU run's, say) does not make the grid's
+    first points NaN for every statistic: the grid starts at the latest first x."""
+    a = {"env_steps": np.array([0.0, 100.0]), "eval_return": np.array([0.0, 1.0])}
+    b = {"env_steps": np.array([20.0, 100.0]), "eval_return": np.array([0.0, 1.0])}
+    grid = plot.common_grid([a, b], num=5)
+    np.testing.assert_array_equal(grid, [20.0, 40.0, 60.0, 80.0, 100.0])
+    assert np.isfinite(plot.aggregate([a, b], grid, n_boot=10)["mean"]).all()
+
+
 def test_bootstrap_ci_contains_mean_and_shrinks():
     rng = np.random.default_rng(0)
     few, many = rng.normal(100.0, 10.0, 5), rng.normal(100.0, 10.0, 500)

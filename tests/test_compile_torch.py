@@ -61,7 +61,10 @@ def require_compiler() -> None:
     try:
         torch.compile(lambda x: torch.sin(x) * 2.0 + 1.0)(torch.ones(3))
     except Exception as error:
-        problem = f"torch.compile is unavailable here: {type(error).__name__}: {error}"
+        problem = (
+            f"torch.compile is unavailable here: {type(error).__name__}: {error}; it needs a C++ compiler "
+            "(install g++, as .ci/run does) and Python's development headers"
+        )
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(problem)
         pytest.skip(problem)
