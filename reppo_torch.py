@@ -1934,7 +1934,13 @@ def start_wandb(args: Args, run_dir: str, run_name: str):
             # slow init) is finished as failed. Earlier in init there is no run object to
             # finish: what wandb had registered by then is left to wandb.
             if getattr(wandb, "run", None) is not None:
-                wandb.run.finish(exit_code=1)
+                try:
+                    wandb.run.finish(exit_code=1)
+                except Exception as finish_error:  # reported; the error that stopped init is raised
+                    print(
+                        f"wandb could not finish the run: {type(finish_error).__name__}: {finish_error}",
+                        file=sys.stderr,
+                    )
             if not isinstance(error, Exception):  # a Ctrl-C goes on to train()'s clean-up
                 raise
             # wandb's own error classes; the user needs one message
@@ -2259,7 +2265,12 @@ def train(args: Args, argv: list[str]) -> str:
         finally:
             if fresh_run_dir is not None:
                 shutil.rmtree(fresh_run_dir, ignore_errors=True)
-            trainer.close()
+            try:
+                trainer.close()
+            except Exception as close_error:  # reported, like a failed finish
+                print(
+                    f"the simulators could not be closed: {type(close_error).__name__}: {close_error}", file=sys.stderr
+                )
         raise
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
     iteration = trainer.iteration

@@ -213,7 +213,7 @@ def rule_tests(by_rule: dict[str, dict[int, Run]]) -> list[str]:
     statistics = {
         "success_once, last 5 evaluations": (last5(a, "eval/success_once"), last5(b, "eval/success_once")),
         "success_at_end, last 5 evaluations": (last5(a, "eval/success_at_end"), last5(b, "eval/success_at_end")),
-        f"success_once averaged over 0–{grid[-1] / 1000:.0f}k steps": (
+        f"success_once averaged over {grid[0] / 1000:.0f}–{grid[-1] / 1000:.0f}k steps": (
             plot.mean_returns(success_a, grid),
             plot.mean_returns(success_b, grid),
         ),

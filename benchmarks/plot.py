@@ -128,6 +128,8 @@ def common_grid(curves: list[Curve], x_key: str = "env_steps", num: int = 101) -
     ranges = [(np.nanmin(c[x_key]), np.nanmax(c[x_key])) for c in curves if np.isfinite(c[x_key]).any()]
     start = max((first for first, _ in ranges), default=0.0)
     end = min((last for _, last in ranges), default=0.0)
+    if start > end:  # no x where every curve has begun and not yet ended: every statistic is NaN
+        print(f"warning: the curves share no {x_key} range (latest start {start}, earliest end {end})", file=sys.stderr)
     return np.linspace(start, end, num)
 
 

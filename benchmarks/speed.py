@@ -254,7 +254,11 @@ class Worker:
             text=True,
             env=child_env(cache, paired=True),
         )
-        self.facts = json.loads(self.read("READY"))
+        try:  # a failed or interrupted start (the warm-up is long) leaves no process behind
+            self.facts = json.loads(self.read("READY"))
+        except BaseException:
+            self.stop()
+            raise
 
     def read(self, tag: str) -> str:
         for line in self.process.stdout:

@@ -19,7 +19,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # networks are small: two processes with one thread each get more done on two cores than
 # one process whose thread pools split every small kernel in two, and two processes with a
 # pool of two threads each would oversubscribe the cores (OpenMP's spinning threads then make
-# every kernel wait for a descheduled partner: 10-70x slowdowns measured here).
+# every kernel wait for a descheduled partner: beside another busy process an update took
+# 2.3-37x as long with two threads, docs/results.md, session 24).
 if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []  # Linux only
     if 0 < int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= len(cores):  # else: threads only
@@ -357,7 +358,8 @@ def check_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(module, tmp_path, 
     (a resumed run's is kept, checkpoint and all), the Ctrl-C handler of training was never left
     installed, and the PyTorch file's simulators are closed. Cases: the Ctrl-C while args.json
     is written; the same with a wandb run whose finish() fails (reported; the Ctrl-C is still
-    the error raised); late in wandb.init, after wandb had made its run; and in a resumed run."""
+    the error raised); late in wandb.init, after wandb had made its run (whose finish() then
+    works, or fails); and in a resumed run."""
     import signal
     import types
 
@@ -412,6 +414,9 @@ def check_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(module, tmp_path, 
     wandb.init = init
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     starts_and_stops([], [], run)
+    run = FailingFinish()  # and that run's finish() fails: said, and the Ctrl-C still stops the run
+    starts_and_stops([], [], run)
+    assert "wandb could not finish the run: RuntimeError: no network" in capsys.readouterr().err
 
     # 4. A resumed run: its folder, checkpoint and metrics stay as they were.
     fake_wandb(monkeypatch)  # the run to resume, with --track (which a resumed run takes from it)
