@@ -1934,13 +1934,7 @@ def start_wandb(args: Args, run_dir: str, run_name: str):
             # slow init) is finished as failed. Earlier in init there is no run object to
             # finish: what wandb had registered by then is left to wandb.
             if getattr(wandb, "run", None) is not None:
-                try:
-                    wandb.run.finish(exit_code=1)
-                except Exception as finish_error:  # reported; the error that stopped init is raised
-                    print(
-                        f"wandb could not finish the run: {type(finish_error).__name__}: {finish_error}",
-                        file=sys.stderr,
-                    )
+                finish_as_failed(wandb.run)
             if not isinstance(error, Exception):  # a Ctrl-C goes on to train()'s clean-up
                 raise
             # wandb's own error classes; the user needs one message
@@ -1950,6 +1944,16 @@ def start_wandb(args: Args, run_dir: str, run_name: str):
                 "--wandb-mode offline to write the run locally and `wandb sync` it later"
             )
     raise UserError(problem)
+
+
+def finish_as_failed(run) -> None:
+    """Finish a wandb run as failed (exit code 1) when a run cannot start. A failure to finish
+    (no network, say) is reported, not raised, so that the error that stopped the run stays
+    the one raised."""
+    try:
+        run.finish(exit_code=1)
+    except Exception as error:
+        print(f"wandb could not finish the run: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 class MetricsLogger:
@@ -2254,14 +2258,12 @@ def train(args: Args, argv: list[str]) -> str:
         # second Ctrl-C stops at once.
         interrupted = install_interrupt_handler()
     except BaseException:
-        # The error that stopped the start is the one raised: a wandb run that cannot be
-        # finished is reported, not raised in its place, and a second Ctrl-C during a slow
-        # finish still leaves through the clean-up below.
+        # The error that stopped the start is the one raised (finish_as_failed reports a
+        # failure to finish), and a second Ctrl-C during a slow finish still leaves through
+        # the clean-up below.
         try:
             if wandb_run is not None:
-                wandb_run.finish(exit_code=1)
-        except Exception as error:
-            print(f"wandb could not finish the run: {type(error).__name__}: {error}", file=sys.stderr)
+                finish_as_failed(wandb_run)
         finally:
             if fresh_run_dir is not None:
                 shutil.rmtree(fresh_run_dir, ignore_errors=True)
