@@ -279,7 +279,7 @@ class Worker:
         sys.exit(f"{self.impl} worker failed (exit {self.process.returncode}):\n{self.stderr.read()[-4000:]}")
 
     def stop(self) -> None:
-        """Ends a worker that is still running (after another one failed)."""
+        """Ends the worker if it is still running (its start, or another worker, failed)."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()

@@ -384,26 +384,24 @@ def check_a_ctrl_c_while_the_run_starts_leaves_nothing_behind(module, tmp_path, 
         assert signal.getsignal(signal.SIGINT) is sigint
         assert closed == ([True] if hasattr(module, "Trainer") else [])
 
-    # 1. While args.json is written, with a wandb run started.
-    run = StubWandbRun()
-    monkeypatch.setattr(module, "start_wandb", lambda args, run_dir, run_name: run)
-    monkeypatch.setattr(module, "write_args", ctrl_c)
-    starts_and_stops([True], [], run)
-
-    # 2. The same, and the wandb run's finish() fails: said, and the Ctrl-C is still what stops the run.
     class FailingFinish(StubWandbRun):
         def finish(self, exit_code=0):
             super().finish(exit_code)
             raise RuntimeError("no network")
 
-    run = FailingFinish()
-    starts_and_stops([True], [], run)
-    assert "wandb could not finish the run: RuntimeError: no network" in capsys.readouterr().err
+    with monkeypatch.context() as patched:
+        # 1. While args.json is written, with a wandb run started.
+        run = StubWandbRun()
+        patched.setattr(module, "start_wandb", lambda args, run_dir, run_name: run)
+        patched.setattr(module, "write_args", ctrl_c)
+        starts_and_stops([True], [], run)
+        # 2. The same, and the wandb run's finish() fails: said, and the Ctrl-C is still what stops the run.
+        run = FailingFinish()
+        starts_and_stops([True], [], run)
+        assert "wandb could not finish the run: RuntimeError: no network" in capsys.readouterr().err
 
-    # 3. Late in wandb.init: wandb had made its run (wandb.run) when the Ctrl-C came.
-    monkeypatch.undo()
-    if hasattr(module, "Trainer"):
-        monkeypatch.setattr(module.Trainer, "close", lambda self: (closed.append(True), close(self))[1])
+    # 3. Late in wandb.init (the real start_wandb and write_args again): wandb had made its run
+    # (wandb.run) when the Ctrl-C came.
     run = StubWandbRun()
     wandb = types.SimpleNamespace(run=None)
 
